@@ -1,0 +1,187 @@
+"""Exact key tables between PyTorch state dicts and ldm_jax parameter trees.
+
+A table is a list of `KeyMap(torch_key, flax_path, transform)`, written out per architecture
+(never guessed from key suffixes or tensor rank). Loading and exporting both check that the table
+is one-to-one, that it covers every parameter of the Flax model and every tensor of the state
+dict, and that every shape matches after its transform; anything else raises
+`CheckpointMismatchError` listing the offending keys.
+"""
+
+import dataclasses
+import enum
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import flax
+import numpy as np
+
+_MAX_LISTED = 20
+
+
+class CheckpointMismatchError(ValueError):
+    """A state dict does not fit the architecture it is being loaded into."""
+
+
+class Transform(enum.Enum):
+    """How a PyTorch tensor becomes a Flax parameter (and back)."""
+
+    IDENTITY = "identity"  # biases, norm scales, embedding tables
+    CONV = "conv"  # torch conv [out, in, kh, kw] <-> flax [kh, kw, in, out]
+    LINEAR = "linear"  # torch linear [out, in] <-> flax dense [in, out]
+    # torch 1x1 conv [out, in, 1, 1] <-> flax dense [in, out]
+    CONV1X1_AS_LINEAR = "conv1x1_as_linear"
+
+    def to_flax(self, array: np.ndarray) -> np.ndarray:
+        if self is Transform.CONV:
+            _require_rank(array, 4, self)
+            return np.transpose(array, (2, 3, 1, 0))
+        if self is Transform.LINEAR:
+            _require_rank(array, 2, self)
+            return np.transpose(array)
+        if self is Transform.CONV1X1_AS_LINEAR:
+            _require_rank(array, 4, self)
+            if array.shape[2:] != (1, 1):
+                raise CheckpointMismatchError(f"expected a 1x1 conv kernel, got {array.shape}")
+            return np.transpose(array[:, :, 0, 0])
+        return array
+
+    def to_torch(self, array: np.ndarray) -> np.ndarray:
+        if self is Transform.CONV:
+            return np.transpose(array, (3, 2, 0, 1))
+        if self is Transform.LINEAR:
+            return np.transpose(array)
+        if self is Transform.CONV1X1_AS_LINEAR:
+            return np.transpose(array)[:, :, None, None]
+        return array
+
+    def torch_shape(self, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The PyTorch shape that maps to a Flax parameter of `flax_shape`."""
+        return self.to_torch(np.empty(flax_shape, dtype=np.uint8)).shape
+
+
+def _require_rank(array: np.ndarray, rank: int, transform: Transform) -> None:
+    if array.ndim != rank:
+        raise CheckpointMismatchError(
+            f"{transform.value} transform expects a rank-{rank} tensor, got shape {array.shape}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyMap:
+    torch_key: str
+    flax_path: tuple[str, ...]
+    transform: Transform = Transform.IDENTITY
+
+
+def key_map(torch_key: str, flax_path: str, transform: Transform = Transform.IDENTITY) -> KeyMap:
+    """KeyMap with the Flax path written "a/b/kernel"."""
+    return KeyMap(torch_key, tuple(flax_path.split("/")), transform)
+
+
+def _listed(keys: Iterable[Any]) -> str:
+    keys = sorted(str(k) for k in keys)
+    shown = ", ".join(keys[:_MAX_LISTED])
+    more = len(keys) - _MAX_LISTED
+    return shown + (f", ... and {more} more" if more > 0 else "")
+
+
+def _path_str(path: tuple[str, ...]) -> str:
+    return "/".join(path)
+
+
+class KeyTable:
+    """A checked, one-to-one mapping between a state dict's keys and a Flax parameter tree."""
+
+    def __init__(self, entries: Iterable[KeyMap], ignorable: Iterable[str] = ()):
+        self.entries = tuple(entries)
+        self.ignorable = frozenset(ignorable)  # state-dict keys that carry no parameters
+        by_key: dict[str, KeyMap] = {}
+        by_path: dict[tuple[str, ...], KeyMap] = {}
+        for entry in self.entries:
+            if entry.torch_key in by_key:
+                raise ValueError(f"key table maps {entry.torch_key!r} twice")
+            if entry.flax_path in by_path:
+                raise ValueError(f"key table maps onto {_path_str(entry.flax_path)!r} twice")
+            by_key[entry.torch_key] = entry
+            by_path[entry.flax_path] = entry
+        self.by_key = by_key
+        self.by_path = by_path
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def check_covers(self, flax_params: Any) -> None:
+        """Every parameter of the Flax tree has exactly one entry, and no entry points elsewhere."""
+        paths = set(flatten_params(flax_params))
+        missing = paths - self.by_path.keys()
+        extra = self.by_path.keys() - paths
+        if missing or extra:
+            raise CheckpointMismatchError(
+                "key table and model parameters differ:"
+                + (
+                    f" parameters without a table entry: {_listed(map(_path_str, missing))}."
+                    if missing
+                    else ""
+                )
+                + (
+                    f" table entries for parameters the model lacks: "
+                    f"{_listed(map(_path_str, extra))}."
+                    if extra
+                    else ""
+                )
+            )
+
+    def to_flax(self, state_dict: Mapping[str, Any], abstract_params: Any, *, dtype=None) -> dict:
+        """State dict (numpy-convertible values) -> nested Flax params shaped like abstract_params.
+
+        abstract_params may hold arrays or jax.ShapeDtypeStructs (from jax.eval_shape).
+        """
+        self.check_covers(abstract_params)
+        missing = [e.torch_key for e in self.entries if e.torch_key not in state_dict]
+        unexpected = [k for k in state_dict if k not in self.by_key and k not in self.ignorable]
+        if missing or unexpected:
+            raise CheckpointMismatchError(
+                "checkpoint does not fit this architecture:"
+                + (f" {len(missing)} missing keys: {_listed(missing)}." if missing else "")
+                + (
+                    f" {len(unexpected)} unexpected keys: {_listed(unexpected)}."
+                    if unexpected
+                    else ""
+                )
+            )
+        expected_shapes = flatten_params(abstract_params)
+        flat, wrong = {}, []
+        for entry in self.entries:
+            array = entry.transform.to_flax(np.asarray(state_dict[entry.torch_key]))
+            want = tuple(expected_shapes[entry.flax_path].shape)
+            if array.shape != want:
+                wrong.append(
+                    f"{entry.torch_key} {tuple(np.shape(state_dict[entry.torch_key]))} -> "
+                    f"{_path_str(entry.flax_path)} needs {want}"
+                )
+                continue
+            flat[entry.flax_path] = array if dtype is None else array.astype(dtype)
+        if wrong:
+            raise CheckpointMismatchError(
+                f"{len(wrong)} tensors have the wrong shape for this architecture: {_listed(wrong)}"
+            )
+        return flax.traverse_util.unflatten_dict(flat)
+
+    def to_torch(self, params: Any) -> dict[str, np.ndarray]:
+        """Flax params -> flat state dict of numpy arrays (exact inverse of `to_flax`)."""
+        self.check_covers(params)
+        flat = flatten_params(params)
+        return {
+            e.torch_key: np.ascontiguousarray(e.transform.to_torch(np.asarray(flat[e.flax_path])))
+            for e in self.entries
+        }
+
+
+def flatten_params(params: Any) -> dict[tuple[str, ...], Any]:
+    """Flatten a (possibly boxed, possibly frozen) parameter tree to {path tuple: leaf}."""
+    params = flax.core.meta.unbox(params)
+    if isinstance(params, flax.core.FrozenDict):
+        params = params.unfreeze()
+    if "params" in params and len(params) == 1:
+        params = params["params"]
+    return flax.traverse_util.flatten_dict(params)

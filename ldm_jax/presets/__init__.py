@@ -1,0 +1,1 @@
+"""Hyper-parameters of every published model, as frozen dataclass instances (one file a family)."""
