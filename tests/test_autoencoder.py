@@ -9,6 +9,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL as TorchAutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from torch_reference import nchw, nhwc, state_dict_numpy
 
 from ldm_jax.checkpoints.diffusers_autoencoder import (
     autoencoder_kl_table,
@@ -33,18 +34,6 @@ TINY = AutoencoderConfig(
     embed_dim=4,
 )
 SD_VAE_PARAMS = 83_653_863  # diffusers' AutoencoderKL for Stable Diffusion 1.x/2.x
-
-
-def _nhwc(t: torch.Tensor) -> np.ndarray:
-    return t.detach().permute(0, 2, 3, 1).numpy()
-
-
-def _nchw(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-
-
-def _state_dict(model: torch.nn.Module) -> dict[str, np.ndarray]:
-    return {k: v.detach().numpy() for k, v in model.state_dict().items()}
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +61,7 @@ def reference():
 def ours(reference):
     model = AutoencoderKL(TINY)
     shapes = abstract_params(model, jnp.zeros((1, 16, 16, 3)))
-    params = autoencoder_kl_table(TINY).to_flax(_state_dict(reference), shapes)
+    params = autoencoder_kl_table(TINY).to_flax(state_dict_numpy(reference), shapes)
     return model, {"params": params}
 
 
@@ -90,26 +79,26 @@ def test_configs_translate_both_ways(reference):
 def test_posterior_parity(reference, ours, parity):
     model, variables = ours
     with torch.no_grad():
-        dist = reference.encode(_nchw(X)).latent_dist
+        dist = reference.encode(nchw(X)).latent_dist
     posterior = model.apply(variables, X, method="encode")
-    parity("autoencoder_kl.posterior_mean", posterior.mean, _nhwc(dist.mean))
-    parity("autoencoder_kl.posterior_logvar", posterior.logvar, _nhwc(dist.logvar))
+    parity("autoencoder_kl.posterior_mean", posterior.mean, nhwc(dist.mean))
+    parity("autoencoder_kl.posterior_logvar", posterior.logvar, nhwc(dist.logvar))
 
 
 def test_decode_parity(reference, ours, parity):
     model, variables = ours
     z = np.random.default_rng(1).normal(size=(2, 3, 2, 4)).astype(np.float32)
     with torch.no_grad():
-        expected = reference.decode(_nchw(z)).sample
-    parity("autoencoder_kl.decode", model.apply(variables, z, method="decode"), _nhwc(expected))
+        expected = reference.decode(nchw(z)).sample
+    parity("autoencoder_kl.decode", model.apply(variables, z, method="decode"), nhwc(expected))
 
 
 def test_forward_mode_parity(reference, ours, parity):
     model, variables = ours
     with torch.no_grad():
-        expected = reference(_nchw(X), sample_posterior=False).sample
+        expected = reference(nchw(X), sample_posterior=False).sample
     reconstruction, _ = jax.jit(model.apply)(variables, X)
-    parity("autoencoder_kl.forward_mode", reconstruction, _nhwc(expected))
+    parity("autoencoder_kl.forward_mode", reconstruction, nhwc(expected))
 
 
 def test_sampling_uses_rng_and_posterior_passes_through_jit(ours):
@@ -136,12 +125,12 @@ def test_kl_and_nll_match_diffusers_and_the_formula(parity):
         DiagonalGaussian.from_moments(moments),
         DiagonalGaussian.from_moments(other_moments),
     )
-    ref = DiagonalGaussianDistribution(_nchw(moments))
-    ref_other = DiagonalGaussianDistribution(_nchw(other_moments))
+    ref = DiagonalGaussianDistribution(nchw(moments))
+    ref_other = DiagonalGaussianDistribution(nchw(other_moments))
     sample = rng.normal(size=(2, 3, 4, 4)).astype(np.float32)
     parity("gaussian.kl", ours.kl(), ref.kl().numpy())
     parity("gaussian.kl_other", ours.kl(other), ref.kl(ref_other).numpy())
-    parity("gaussian.nll", ours.nll(sample), ref.nll(_nchw(sample)).numpy())
+    parity("gaussian.nll", ours.nll(sample), ref.nll(nchw(sample)).numpy())
     mean, logvar = moments[..., :4], moments[..., 4:]
     by_hand = 0.5 * (mean**2 + np.exp(logvar) - 1.0 - logvar).sum(axis=(1, 2, 3))
     np.testing.assert_allclose(ours.kl(), by_hand, rtol=1e-5)
@@ -163,7 +152,7 @@ def test_logvar_is_clamped_and_deterministic_posterior_has_no_spread():
 
 
 def test_key_table_round_trip_is_bit_exact(reference, ours):
-    state_dict = _state_dict(reference)
+    state_dict = state_dict_numpy(reference)
     _, variables = ours
     back = autoencoder_kl_table(TINY).to_torch(variables["params"])
     assert back.keys() == state_dict.keys()
@@ -174,18 +163,18 @@ def test_key_table_round_trip_is_bit_exact(reference, ours):
 def test_mismatched_state_dicts_are_rejected(reference):
     table = autoencoder_kl_table(TINY)
     shapes = abstract_params(AutoencoderKL(TINY), jnp.zeros((1, 16, 16, 3)))
-    missing = _state_dict(reference)
+    missing = state_dict_numpy(reference)
     del missing["decoder.up_blocks.0.attentions.0.to_q.weight"]
     with pytest.raises(CheckpointMismatchError, match="to_q.weight"):
         table.to_flax(missing, shapes)
-    wrong_shape = _state_dict(reference)
+    wrong_shape = state_dict_numpy(reference)
     wrong_shape["quant_conv.weight"] = np.zeros((8, 8, 3, 3), np.float32)
     with pytest.raises(CheckpointMismatchError, match="quant_conv.weight"):
         table.to_flax(wrong_shape, shapes)
     no_attention = dataclasses.replace(TINY, attn_resolutions=())
     with pytest.raises(CheckpointMismatchError, match="unexpected keys"):
         autoencoder_kl_table(no_attention).to_flax(
-            _state_dict(reference), abstract_params(AutoencoderKL(no_attention), X[:1, :16])
+            state_dict_numpy(reference), abstract_params(AutoencoderKL(no_attention), X[:1, :16])
         )
 
 

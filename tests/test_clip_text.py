@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from torch_reference import randomize_
 
 from ldm_jax.checkpoints.key_table import CheckpointMismatchError
 from ldm_jax.checkpoints.transformers_clip import (
@@ -50,22 +51,6 @@ def hf_config(cfg: CLIPTextConfig, num_layers=None) -> transformers.CLIPTextConf
         pad_token_id=1,
         eos_token_id=cfg.eos_token_id,
     )
-
-
-def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """Random weights of a realistic scale for every tensor, norms and biases included."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if "embed" in name:
-                p.copy_(noise)
-            elif p.ndim == 2:
-                p.copy_(noise / p.shape[1] ** 0.5)
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.2 * noise)
-            else:
-                p.copy_(0.2 * noise)
 
 
 def reference(cfg: CLIPTextConfig, seed=0) -> transformers.CLIPTextModel:

@@ -9,6 +9,7 @@ from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import (
     LDMBertConfig as DiffusersLDMBertConfig,
 )
 from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertModel
+from torch_reference import randomize_
 
 from ldm_jax.checkpoints.diffusers_ldm_bert import (
     ldm_bert_abstract_params,
@@ -51,18 +52,7 @@ def hf_config(cfg: LDMBertConfig) -> DiffusersLDMBertConfig:
 
 def reference(cfg: LDMBertConfig, seed=0) -> LDMBertModel:
     model = LDMBertModel(hf_config(cfg)).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # realistic scales for every tensor, norms and biases included
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if "embed" in name:
-                p.copy_(noise)
-            elif p.ndim == 2:
-                p.copy_(noise / p.shape[1] ** 0.5)
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.2 * noise)
-            else:
-                p.copy_(0.2 * noise)
+    randomize_(model, seed)
     return model
 
 

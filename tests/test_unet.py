@@ -191,7 +191,8 @@ def test_bf16_compute_is_finite_and_close_to_fp32():
 
 
 def test_zero_initialised_output_layers():
-    # openaimodel zero-inits each ResBlock's last conv and the output conv: a fresh UNet
+    # openaimodel zero-inits each ResBlock's last conv, attention output projections and the
+    # output conv: a fresh UNet
     # predicts zeros.
     config = dataclasses.replace(SMALL, use_spatial_transformer=False, context_dim=None)
     x, t, _, _ = _example_inputs(config, batch=1, size=4)
@@ -200,4 +201,5 @@ def test_zero_initialised_output_layers():
     assert not np.any(np.asarray(out))
     assert not np.any(params["out_conv"]["kernel"])
     assert not np.any(params["middle_res_0"]["out_conv"]["kernel"])
+    assert not np.any(params["middle_attn"]["attn"]["out"]["kernel"])  # zero_module(proj_out)
     assert np.any(params["middle_res_0"]["in_conv"]["kernel"])

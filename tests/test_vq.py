@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import VQModel as TorchVQModel
+from torch_reference import nchw, nhwc, state_dict_numpy
 
 from ldm_jax.checkpoints.diffusers_autoencoder import (
     config_from_diffusers,
@@ -43,18 +44,6 @@ NO_ATTENTION = VQConfig(
 X = np.random.default_rng(0).uniform(-1, 1, size=(2, 24, 16, 3)).astype(np.float32)
 
 
-def _nhwc(t: torch.Tensor) -> np.ndarray:
-    return t.detach().permute(0, 2, 3, 1).numpy()
-
-
-def _nchw(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-
-
-def _state_dict(model: torch.nn.Module) -> dict[str, np.ndarray]:
-    return {k: v.detach().numpy() for k, v in model.state_dict().items()}
-
-
 def _reference(**kwargs) -> TorchVQModel:
     torch.manual_seed(0)
     model = TorchVQModel(in_channels=3, out_channels=3, norm_num_groups=32, **kwargs).eval()
@@ -64,7 +53,7 @@ def _reference(**kwargs) -> TorchVQModel:
                 p.add_(0.1 * torch.randn_like(p))
         # Codes near real latents (diffusers' init is ~0): many codes get used, few near-ties.
         latents = (
-            model.encode(_nchw(X))
+            model.encode(nchw(X))
             .latents.permute(0, 2, 3, 1)
             .reshape(-1, model.quantize.vq_embed_dim)
         )
@@ -91,7 +80,7 @@ def reference():
 def _ours(cfg, reference):
     model = VQModel(cfg)
     shapes = abstract_params(model, jnp.zeros((1, 16, 16, 3)))
-    return model, {"params": vq_model_table(cfg).to_flax(_state_dict(reference), shapes)}
+    return model, {"params": vq_model_table(cfg).to_flax(state_dict_numpy(reference), shapes)}
 
 
 @pytest.fixture(scope="module")
@@ -109,22 +98,22 @@ def test_config_translates_both_ways(reference):
 def test_encode_quantize_decode_parity(reference, ours, parity):
     model, variables = ours
     with torch.no_grad():
-        h = reference.encode(_nchw(X)).latents
+        h = reference.encode(nchw(X)).latents
         z_q, loss, (_, _, indices) = reference.quantize(h)
         decoded = reference.decode(h).sample
         unquantized = reference.decode(h, force_not_quantize=True).sample
     ours_h = model.apply(variables, X, method="encode")
-    parity("vq.encode", ours_h, _nhwc(h))
+    parity("vq.encode", ours_h, nhwc(h))
     quantized = model.apply(variables, ours_h, method="quantize")
     assert isinstance(quantized, Quantized)
     np.testing.assert_array_equal(quantized.indices, indices.numpy().reshape(2, 12, 8))
-    parity("vq.quantize_z_q", quantized.z_q, _nhwc(z_q))
+    parity("vq.quantize_z_q", quantized.z_q, nhwc(z_q))
     parity("vq.quantize_loss", quantized.loss, loss.numpy())
-    parity("vq.decode", model.apply(variables, ours_h, method="decode"), _nhwc(decoded))
+    parity("vq.decode", model.apply(variables, ours_h, method="decode"), nhwc(decoded))
     parity(
         "vq.decode_force_not_quantize",
         model.apply(variables, ours_h, True, method="decode"),
-        _nhwc(unquantized),
+        nhwc(unquantized),
     )
 
 
@@ -136,14 +125,14 @@ def test_decode_indices_and_forward_parity(reference, ours, parity):
             torch.from_numpy(indices).reshape(-1), (2, 3, 2, 3)
         )
         from_indices = reference.decode(codes, force_not_quantize=True).sample
-        forward = reference(_nchw(X))
+        forward = reference(nchw(X))
     parity(
         "vq.decode_indices",
         model.apply(variables, indices, method="decode_indices"),
-        _nhwc(from_indices),
+        nhwc(from_indices),
     )
     reconstruction, quantized = jax.jit(model.apply)(variables, X)
-    parity("vq.forward", reconstruction, _nhwc(forward.sample))
+    parity("vq.forward", reconstruction, nhwc(forward.sample))
     parity("vq.forward_loss", quantized.loss, forward.commit_loss.numpy())
 
 
@@ -162,8 +151,8 @@ def test_no_attention_model_parity(parity):
     model, variables = _ours(NO_ATTENTION, reference)
     assert "attn_1" not in variables["params"]["encoder"]["mid"]
     with torch.no_grad():
-        expected = reference(_nchw(X)).sample
-    parity("vq_noattn.forward", model.apply(variables, X)[0], _nhwc(expected))
+        expected = reference(nchw(X)).sample
+    parity("vq_noattn.forward", model.apply(variables, X)[0], nhwc(expected))
 
 
 def test_straight_through_gradient_loss_and_perplexity(ours):
@@ -198,7 +187,7 @@ def test_straight_through_gradient_loss_and_perplexity(ours):
 
 
 def test_key_table_round_trip_is_bit_exact(reference, ours):
-    state_dict = _state_dict(reference)
+    state_dict = state_dict_numpy(reference)
     back = vq_model_table(TINY).to_torch(ours[1]["params"])
     assert back.keys() == state_dict.keys()
     for key, value in state_dict.items():
@@ -208,11 +197,11 @@ def test_key_table_round_trip_is_bit_exact(reference, ours):
 def test_mismatched_state_dicts_are_rejected(reference):
     table = vq_model_table(TINY)
     shapes = abstract_params(VQModel(TINY), jnp.zeros((1, 16, 16, 3)))
-    missing = _state_dict(reference)
+    missing = state_dict_numpy(reference)
     del missing["quantize.embedding.weight"]
     with pytest.raises(CheckpointMismatchError, match="quantize.embedding.weight"):
         table.to_flax(missing, shapes)
-    wrong_shape = _state_dict(reference)
+    wrong_shape = state_dict_numpy(reference)
     wrong_shape["quantize.embedding.weight"] = np.zeros((65, 3), np.float32)
     with pytest.raises(CheckpointMismatchError, match="quantize/codebook/embedding needs"):
         table.to_flax(wrong_shape, shapes)

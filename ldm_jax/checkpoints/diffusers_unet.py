@@ -17,8 +17,8 @@ from typing import Any
 
 from ldm_jax.checkpoints.key_table import KeyMap, KeyTable, Transform, key_map
 from ldm_jax.models.unet import (
-    Attention,
-    Block,
+    AttentionSpec,
+    BlockSpec,
     UNetConfig,
     UNetLayout,
     attention_heads,
@@ -64,7 +64,7 @@ def _attention_projections(t: str, f: str, *, qkv_bias: bool) -> list[KeyMap]:
     return entries + _layer(f"{t}.to_out.0", f"{f}/out", Transform.LINEAR)
 
 
-def _transformer(t: str, f: str, spec: Attention, *, linear_proj: bool) -> list[KeyMap]:
+def _transformer(t: str, f: str, spec: AttentionSpec, *, linear_proj: bool) -> list[KeyMap]:
     """diffusers Transformer2DModel -> SpatialTransformer."""
     proj = Transform.LINEAR if linear_proj else Transform.CONV1X1_AS_LINEAR
     entries = [
@@ -83,17 +83,17 @@ def _transformer(t: str, f: str, spec: Attention, *, linear_proj: bool) -> list[
     return entries
 
 
-def _attention(t: str, f: str, spec: Attention, config: UNetConfig) -> list[KeyMap]:
+def _attention(t: str, f: str, spec: AttentionSpec, config: UNetConfig) -> list[KeyMap]:
     if spec.depth:
         return _transformer(t, f, spec, linear_proj=config.use_linear_in_transformer)
-    # diffusers Attention(_from_deprecated_attn_block) -> AttentionBlock
+    # diffusers Attention(_from_deprecated_attn_block=True) -> AttentionBlock
     return [
         *_norm(f"{t}.group_norm", f"{f}/norm"),
         *_attention_projections(t, f"{f}/attn", qkv_bias=True),
     ]
 
 
-def _block(t: str, f: str, block: Block, config: UNetConfig) -> list[KeyMap]:
+def _block(t: str, f: str, block: BlockSpec, config: UNetConfig) -> list[KeyMap]:
     """One res block (+ attention) of a diffusers down/up block."""
     skip = block.in_channels != block.out_channels
     entries = _resnet(f"{t}.resnets.{block.position}", f"{f}_res", skip=skip)
@@ -174,7 +174,7 @@ def diffusers_unet_config(config: UNetConfig) -> tuple[str, dict[str, Any]]:
     return "UNet2DModel", kwargs | _unconditional_kwargs(config, layout, has_attention)
 
 
-def _attentions(layout: UNetLayout) -> list[tuple[int, Attention]]:
+def _attentions(layout: UNetLayout) -> list[tuple[int, AttentionSpec]]:
     blocks = layout.input_blocks + layout.output_blocks
     pairs = [(b.out_channels, b.attention) for b in blocks if b.attention is not None]
     return pairs + [(layout.middle_channels, layout.middle_attention)]

@@ -61,6 +61,7 @@ class MultiHeadAttention(nn.Module):
     out_bias: bool = True
     upcast: bool = False
     implementation: str | None = None
+    zero_init_out: bool = False  # CompVis zero_module on the output projection
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -84,7 +85,14 @@ class MultiHeadAttention(nn.Module):
         )
         out_BTI = out_BTNH.reshape(*out_BTNH.shape[:-2], inner)
         out_features = self.out_features or x_BTC.shape[-1]
-        return dense(out_features, name="out", dtype=self.dtype, use_bias=self.out_bias)(out_BTI)
+        out = dense(
+            out_features,
+            name="out",
+            dtype=self.dtype,
+            use_bias=self.out_bias,
+            zero_init=self.zero_init_out,
+        )
+        return out(out_BTI)
 
 
 class AttentionBlock(nn.Module):
@@ -100,6 +108,7 @@ class AttentionBlock(nn.Module):
     norm_eps: float = 1e-6
     upcast: bool = False
     implementation: str | None = None
+    zero_init_out: bool = False  # openaimodel zero-initialises proj_out; the autoencoder does not
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -117,6 +126,7 @@ class AttentionBlock(nn.Module):
             qkv_bias=True,
             upcast=self.upcast,
             implementation=self.implementation,
+            zero_init_out=self.zero_init_out,
             dtype=self.dtype,
             name="attn",
         )(y.reshape(b, h * w, c))
@@ -220,5 +230,6 @@ class SpatialTransformer(nn.Module):
                 dtype=self.dtype,
                 name=f"blocks_{i}",
             )(y_BTI, context_BSD, deterministic=deterministic)
-        y_BTC = dense(c, name="proj_out", dtype=self.dtype)(y_BTI)
+        # zero-initialised as CompVis does: the block starts as the identity when trained
+        y_BTC = dense(c, name="proj_out", dtype=self.dtype, zero_init=True)(y_BTI)
         return x_BHWC + y_BTC.reshape(b, h, w, c)

@@ -24,14 +24,22 @@ _ZEROS = nn.initializers.zeros_init()
 _ONES = nn.initializers.ones_init()
 
 
-def dense(features: int, *, name: str, dtype: Dtype, use_bias: bool = True) -> nn.Dense:
-    """A Dense layer (kernel [in, out]) with logically named parameters."""
+def dense(
+    features: int, *, name: str, dtype: Dtype, use_bias: bool = True, zero_init: bool = False
+) -> nn.Dense:
+    """A Dense layer (kernel [in, out]) with logically named parameters.
+
+    `zero_init` starts the kernel at zero (CompVis zero_module: a residual branch that begins as
+    the identity).
+    """
     return nn.Dense(
         features,
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=jnp.float32,
-        kernel_init=nn.with_logical_partitioning(_KERNEL_INIT, ("fan_in", "fan_out")),
+        kernel_init=nn.with_logical_partitioning(
+            _ZEROS if zero_init else _KERNEL_INIT, ("fan_in", "fan_out")
+        ),
         bias_init=nn.with_logical_partitioning(_ZEROS, ("fan_out",)),
         name=name,
     )
@@ -46,8 +54,12 @@ def conv(
     strides: int = 1,
     padding: str | int | Sequence[tuple[int, int]] | None = None,
     use_bias: bool = True,
+    zero_init: bool = False,
 ) -> nn.Conv:
-    """An NHWC Conv (kernel [kh, kw, in, out]); default padding k // 2 ("same" for odd k)."""
+    """An NHWC Conv (kernel [kh, kw, in, out]); default padding k // 2 ("same" for odd k).
+
+    `zero_init` starts the kernel at zero, as CompVis zero_module does.
+    """
     if padding is None:
         padding = kernel_size // 2
     if isinstance(padding, int):
@@ -61,7 +73,7 @@ def conv(
         dtype=dtype,
         param_dtype=jnp.float32,
         kernel_init=nn.with_logical_partitioning(
-            _KERNEL_INIT, ("kernel_h", "kernel_w", "fan_in", "fan_out")
+            _ZEROS if zero_init else _KERNEL_INIT, ("kernel_h", "kernel_w", "fan_in", "fan_out")
         ),
         bias_init=nn.with_logical_partitioning(_ZEROS, ("fan_out",)),
         name=name,

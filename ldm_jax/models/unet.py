@@ -21,7 +21,6 @@ from ldm_jax.models.unet_blocks import (
     ResBlock,
     Upsample,
     timestep_embedding,
-    zero_init_conv,
 )
 
 
@@ -105,7 +104,7 @@ class UNetConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class Attention:
+class AttentionSpec:
     """One attention layer: SpatialTransformer (depth > 0) or a plain AttentionBlock (depth 0)."""
 
     num_heads: int
@@ -137,7 +136,7 @@ def attention_heads(config: UNetConfig, channels: int) -> tuple[int, int]:
 
 
 @dataclasses.dataclass(frozen=True)
-class Block:
+class BlockSpec:
     """One openaimodel input/output block (a TimestepEmbedSequential) and its place in the net."""
 
     index: int  # input_blocks / output_blocks index in openaimodel
@@ -145,16 +144,16 @@ class Block:
     position: int  # index among the level's res blocks (diffusers resnets/attentions index)
     in_channels: int
     out_channels: int
-    attention: Attention | None = None
+    attention: AttentionSpec | None = None
     resample: bool = False  # input: the block is a Downsample; output: it ends with an Upsample
 
 
 @dataclasses.dataclass(frozen=True)
 class UNetLayout:
-    input_blocks: tuple[Block, ...]  # input_blocks 1.. (0 is conv_in)
+    input_blocks: tuple[BlockSpec, ...]  # input_blocks 1.. (0 is conv_in)
     middle_channels: int
-    middle_attention: Attention
-    output_blocks: tuple[Block, ...]
+    middle_attention: AttentionSpec
+    output_blocks: tuple[BlockSpec, ...]
 
 
 def unet_layout(config: UNetConfig) -> UNetLayout:
@@ -166,24 +165,28 @@ def unet_layout(config: UNetConfig) -> UNetLayout:
             return None
         heads, head_dim = attention_heads(config, channels)
         if not config.use_spatial_transformer:
-            return Attention(heads, head_dim)
+            return AttentionSpec(heads, head_dim)
         disabled = bool(config.disable_self_attentions and config.disable_self_attentions[level])
-        return Attention(heads, head_dim, depths[level], disabled)
+        return AttentionSpec(heads, head_dim, depths[level], disabled)
 
     inputs, skip_channels, ch = [], [config.model_channels], config.model_channels
     for level, mult in enumerate(config.channel_mult):
         out = mult * config.model_channels
         for position in range(res_blocks[level]):
-            inputs.append(Block(len(inputs) + 1, level, position, ch, out, attention(level, out)))
+            inputs.append(
+                BlockSpec(len(inputs) + 1, level, position, ch, out, attention(level, out))
+            )
             ch = out
             skip_channels.append(ch)
         if level != len(config.channel_mult) - 1:
-            inputs.append(Block(len(inputs) + 1, level, res_blocks[level], ch, ch, resample=True))
+            inputs.append(
+                BlockSpec(len(inputs) + 1, level, res_blocks[level], ch, ch, resample=True)
+            )
             skip_channels.append(ch)
 
     middle_channels = ch
     heads, head_dim = attention_heads(config, ch)
-    middle = Attention(heads, head_dim, depths[-1] if config.use_spatial_transformer else 0)
+    middle = AttentionSpec(heads, head_dim, depths[-1] if config.use_spatial_transformer else 0)
 
     outputs = []
     for level in reversed(range(len(config.channel_mult))):
@@ -192,7 +195,9 @@ def unet_layout(config: UNetConfig) -> UNetLayout:
             resample = level > 0 and position == res_blocks[level]
             in_ch = ch + skip_channels.pop()
             outputs.append(
-                Block(len(outputs), level, position, in_ch, out, attention(level, out), resample)
+                BlockSpec(
+                    len(outputs), level, position, in_ch, out, attention(level, out), resample
+                )
             )
             ch = out
 
@@ -252,6 +257,7 @@ class UNet(nn.Module):
                     spec.head_dim,
                     norm_eps=NORM_EPS,
                     upcast=cfg.upcast_attention,
+                    zero_init_out=True,
                     implementation=self.attention_implementation,
                     dtype=d,
                     name=name,
@@ -301,7 +307,7 @@ class UNet(nn.Module):
                 h = Upsample(cfg.conv_resample, d, name=f"{name}_up")(h)
 
         h = nn.silu(GroupNorm(NORM_GROUPS, NORM_EPS, d, name="out_norm")(h))
-        return zero_init_conv(cfg.out_channels, 3, name="out_conv", dtype=d)(h)
+        return conv(cfg.out_channels, 3, name="out_conv", dtype=d, zero_init=True)(h)
 
     def _check_inputs(self, x_BHWC, timesteps_B, context_BSD, y) -> jax.Array:
         """Raise ValueError for inputs this network cannot take; returns timesteps as [B]."""

@@ -39,17 +39,6 @@ def avg_pool_2x(x_BHWC: jax.Array) -> jax.Array:
     return nn.avg_pool(x_BHWC, (2, 2), strides=(2, 2))
 
 
-def zero_init_conv(features: int, kernel_size: int, *, name: str, dtype: Dtype) -> nn.Conv:
-    """openaimodel's zero_module(conv_nd(...)): a block that starts as the identity when trained.
-
-    Call inside a compact method: the helper's conv is copied (bound to the calling module) with
-    a zero kernel initialiser, as layers.conv takes no initialiser argument.
-    """
-    axes = ("kernel_h", "kernel_w", "fan_in", "fan_out")
-    zeros = nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
-    return conv(features, kernel_size, name=None, dtype=dtype).copy(name=name, kernel_init=zeros)
-
-
 class Downsample(nn.Module):
     """Halve H and W: stride-2 3x3 conv with padding 1, or a 2x2 average pool without conv."""
 
@@ -117,10 +106,8 @@ class ResBlock(nn.Module):
         else:
             h = norm("out_norm")(h + emb_out)
         h = nn.Dropout(self.dropout)(nn.silu(h), deterministic=deterministic)
-        out_conv = (
-            zero_init_conv(self.out_channels, 3, name="out_conv", dtype=self.dtype)
-            if self.zero_init
-            else conv(self.out_channels, 3, name="out_conv", dtype=self.dtype)
+        out_conv = conv(
+            self.out_channels, 3, name="out_conv", dtype=self.dtype, zero_init=self.zero_init
         )
         h = out_conv(h)
 
