@@ -7,6 +7,7 @@ from ldm_jax.checkpoints.key_table import (
     CheckpointMismatchError,
     KeyTable,
     Transform,
+    fused_key_map,
     key_map,
 )
 
@@ -109,3 +110,72 @@ def test_rank_mismatch_is_a_clear_error():
     state_dict["conv.weight"] = np.zeros((8, 4, 9), np.float32)
     with pytest.raises(CheckpointMismatchError, match="rank-4"):
         _table().to_flax(state_dict, _params())
+
+
+def test_conv1d_transform_round_trip():
+    array = RNG.normal(size=(12, 4, 1)).astype(np.float32)
+    assert Transform.CONV1D_AS_LINEAR.to_flax(array).shape == (4, 12)
+    np.testing.assert_array_equal(
+        Transform.CONV1D_AS_LINEAR.to_torch(Transform.CONV1D_AS_LINEAR.to_flax(array)), array
+    )
+
+
+def _qkv_params(width):
+    return {n: {"kernel": np.zeros((width, width)), "bias": np.zeros(width)} for n in "qkv"}
+
+
+def test_fused_contiguous_split_matches_torch_in_proj_chunks():
+    # OpenCLIP / nn.MultiheadAttention: in_proj_weight = [q; k; v] along the output axis.
+    width = 6
+    weight = RNG.normal(size=(3 * width, width)).astype(np.float32)
+    bias = RNG.normal(size=3 * width).astype(np.float32)
+    table = KeyTable(
+        [
+            fused_key_map("in_proj_weight", ["q/kernel", "k/kernel", "v/kernel"], Transform.LINEAR),
+            fused_key_map("in_proj_bias", ["q/bias", "k/bias", "v/bias"]),
+        ]
+    )
+    params = table.to_flax({"in_proj_weight": weight, "in_proj_bias": bias}, _qkv_params(width))
+    for i, name in enumerate("qkv"):
+        np.testing.assert_array_equal(params[name]["kernel"], weight[i * width : (i + 1) * width].T)
+        np.testing.assert_array_equal(params[name]["bias"], bias[i * width : (i + 1) * width])
+    back = table.to_torch(params)
+    np.testing.assert_array_equal(back["in_proj_weight"], weight)
+    np.testing.assert_array_equal(back["in_proj_bias"], bias)
+
+
+def test_fused_per_head_split_follows_qkv_attention_legacy():
+    # openaimodel QKVAttentionLegacy: qkv.reshape(heads, 3 * head_dim, T).split(head_dim) per head.
+    heads, head_dim = 2, 3
+    width = heads * head_dim
+    weight = RNG.normal(size=(3 * width, width, 1)).astype(np.float32)
+    table = KeyTable(
+        [
+            fused_key_map(
+                "qkv.weight",
+                ["q/kernel", "k/kernel", "v/kernel"],
+                Transform.CONV1D_AS_LINEAR,
+                num_heads=heads,
+            )
+        ]
+    )
+    params = {n: {"kernel": np.zeros((width, width))} for n in "qkv"}
+    params = table.to_flax({"qkv.weight": weight}, params)
+    per_head = weight[:, :, 0].reshape(heads, 3 * head_dim, width)
+    for i, name in enumerate("qkv"):
+        expected = per_head[:, i * head_dim : (i + 1) * head_dim].reshape(width, width)
+        np.testing.assert_array_equal(params[name]["kernel"], expected.T)
+    np.testing.assert_array_equal(table.to_torch(params)["qkv.weight"], weight)
+
+
+def test_prefixed_union_composes_tables():
+    table = KeyTable.union(_table().prefixed("model.a.", "a"), _table().prefixed("model.b.", "b"))
+    assert len(table) == 2 * len(_table())
+    assert "model.a.buffer.position_ids" in table.ignorable
+    params = table.to_flax(
+        {f"model.{n}.{k}": v for n in "ab" for k, v in _state_dict().items()},
+        {"a": _params(), "b": _params()},
+    )
+    assert params["b"]["proj"]["kernel"].shape == (8, 16)
+    with pytest.raises(ValueError, match="twice"):
+        KeyTable.union(_table(), _table())

@@ -1,0 +1,92 @@
+"""What a latent-diffusion checkpoint holds, independent of its file format.
+
+`ModelSpec` is the architecture (the three networks' hyper-parameters) plus the diffusion settings
+that are not network parameters; `LatentDiffusionCheckpoint` pairs it with the parameter tree
+{"unet": ..., "first_stage": ..., "cond_stage": ...} (a key is absent when that network is).
+Loaders (CompVis files, diffusers folders) produce it; exporters and the pipeline consume it.
+"""
+
+import dataclasses
+from typing import Any
+
+from ldm_jax.models.autoencoder import AutoencoderConfig
+from ldm_jax.models.clip_text import CLIPTextConfig
+from ldm_jax.models.conditioning import ClassEmbedderConfig, SpatialRescalerConfig
+from ldm_jax.models.ldm_bert import LDMBertConfig
+from ldm_jax.models.unet import UNetConfig
+from ldm_jax.models.vq import VQConfig
+
+# CompVis cond_stage_config targets, by the name used here.
+COND_STAGE_KINDS = (
+    "clip",  # FrozenCLIPEmbedder: OpenAI CLIP ViT-L/14 text (SD 1.x)
+    "openclip",  # FrozenOpenCLIPEmbedder: OpenCLIP ViT-H/14 text, penultimate layer (SD 2.x)
+    "ldm_bert",  # BERTEmbedder: the jointly trained transformer of LDM text-to-image
+    "class",  # ClassEmbedder (cin256)
+    "spatial_rescaler",  # SpatialRescaler (semantic synthesis, super-resolution inputs)
+)
+# LatentDiffusion.conditioning_key: how the conditioning reaches the UNet.
+CONDITIONING_KEYS = (None, "crossattn", "concat", "hybrid", "adm")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class CondStageSpec:
+    kind: str
+    config: CLIPTextConfig | LDMBertConfig | ClassEmbedderConfig | SpatialRescalerConfig
+    # False when the encoder's weights are not in the checkpoint (e.g. CompVis SD 1.x files do
+    # carry CLIP; a "__is_unconditional__" model has no cond stage at all).
+    trainable: bool = False
+
+    def __post_init__(self):
+        if self.kind not in COND_STAGE_KINDS:
+            raise ValueError(f"unknown cond stage {self.kind!r}; allowed: {COND_STAGE_KINDS}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionSpec:
+    """The noise schedule and parameterisation (CompVis LatentDiffusion params)."""
+
+    num_timesteps: int = 1000
+    # CompVis "linear" = linspace of square roots, squared = diffusers "scaled_linear".
+    beta_schedule: str = "scaled_linear"
+    linear_start: float = 0.00085
+    linear_end: float = 0.012
+    prediction_type: str = "epsilon"
+    scale_factor: float = 0.18215  # latents are first_stage.encode(x) * scale_factor
+    conditioning_key: str | None = "crossattn"
+
+    def __post_init__(self):
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"unknown prediction_type {self.prediction_type!r}; allowed: {PREDICTION_TYPES}"
+            )
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise ValueError(
+                f"unknown beta_schedule {self.beta_schedule!r}; allowed: {BETA_SCHEDULES}"
+            )
+        if self.conditioning_key not in CONDITIONING_KEYS:
+            raise ValueError(
+                f"unknown conditioning_key {self.conditioning_key!r}; allowed: {CONDITIONING_KEYS}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Architecture of a checkpoint; `unet` is None for a first-stage-only checkpoint."""
+
+    first_stage: AutoencoderConfig | VQConfig
+    unet: UNetConfig | None = None
+    cond_stage: CondStageSpec | None = None
+    diffusion: DiffusionSpec = dataclasses.field(default_factory=DiffusionSpec)
+
+    @property
+    def first_stage_kind(self) -> str:
+        return "vq" if isinstance(self.first_stage, VQConfig) else "kl"
+
+
+@dataclasses.dataclass
+class LatentDiffusionCheckpoint:
+    spec: ModelSpec
+    params: dict[str, Any]  # {"unet", "first_stage", "cond_stage"}: plain pytrees
+    tokenizer: Any = None  # a tokenizer object from ldm_jax.tokenizers, when the model takes text
