@@ -1,5 +1,13 @@
 """Shared test setup: the parity fixture records every measured error and prints them as a table."""
 
+import os
+
+# 8 fake CPU devices for the sharding tests; must be set before jax is first imported.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
+
 import numpy as np
 import pytest
 

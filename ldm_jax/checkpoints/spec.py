@@ -55,6 +55,9 @@ class DiffusionSpec:
     prediction_type: str = "epsilon"
     scale_factor: float = 0.18215  # latents are first_stage.encode(x) * scale_factor
     conditioning_key: str | None = "crossattn"
+    # default latent height/width for sampling (diffusers unet.config.sample_size): 64 for SD 1.x
+    # and SD 2 base (512 px), 96 for SD 2 768-v
+    latent_size: int = 64
 
     def __post_init__(self):
         if self.prediction_type not in PREDICTION_TYPES:
@@ -90,3 +93,49 @@ class LatentDiffusionCheckpoint:
     spec: ModelSpec
     params: dict[str, Any]  # {"unet", "first_stage", "cond_stage"}: plain pytrees
     tokenizer: Any = None  # a tokenizer object from ldm_jax.tokenizers, when the model takes text
+
+
+# --- JSON (de)serialisation: orbax folders and exported files carry the spec they were made from.
+_SPEC_TYPES = {
+    cls.__name__: cls
+    for cls in (
+        AutoencoderConfig,
+        VQConfig,
+        UNetConfig,
+        CLIPTextConfig,
+        LDMBertConfig,
+        ClassEmbedderConfig,
+        SpatialRescalerConfig,
+        CondStageSpec,
+        DiffusionSpec,
+        ModelSpec,
+    )
+}
+
+
+def spec_to_dict(value: Any) -> Any:
+    """A spec (or any of its configs) as JSON-ready data, each dataclass tagged with its type."""
+    if dataclasses.is_dataclass(value):
+        fields = {f.name: spec_to_dict(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {"_type": type(value).__name__, **fields}
+    if isinstance(value, tuple | list):
+        return [spec_to_dict(v) for v in value]
+    return value
+
+
+def spec_from_dict(data: Any) -> Any:
+    """Inverse of `spec_to_dict`; unknown types or fields raise ValueError naming them."""
+    if isinstance(data, list):
+        return tuple(spec_from_dict(v) for v in data)
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    type_name = data.pop("_type", None)
+    if type_name not in _SPEC_TYPES:
+        raise ValueError(f"unknown spec type {type_name!r}; known: {sorted(_SPEC_TYPES)}")
+    cls = _SPEC_TYPES[type_name]
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"{type_name} has no fields {sorted(unknown)}; fields: {sorted(known)}")
+    return cls(**{k: spec_from_dict(v) for k, v in data.items()})

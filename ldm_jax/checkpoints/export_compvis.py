@@ -1,0 +1,37 @@
+"""Export a LatentDiffusionCheckpoint as one CompVis-layout .safetensors file.
+
+The tensors carry CompVis names (`model.diffusion_model.*`, `first_stage_model.*`,
+`cond_stage_model.*`) through the exact CompVis key tables, so the file loads wherever an original
+Stable Diffusion / LDM checkpoint does. The ModelSpec rides along in the safetensors metadata
+(`ldm_jax_spec`), so ldm_jax reloads even unusual architectures without a yaml config.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import safetensors.numpy
+
+from ldm_jax.checkpoints.atomic import atomic_output
+from ldm_jax.checkpoints.spec import LatentDiffusionCheckpoint, spec_to_dict
+
+SPEC_METADATA_KEY = "ldm_jax_spec"
+
+
+def save_compvis(
+    checkpoint: LatentDiffusionCheckpoint, destination: str | os.PathLike, *, overwrite=False
+) -> Path:
+    """Write `checkpoint` to `destination` (a .safetensors path), atomically."""
+    from ldm_jax.checkpoints.compvis import compvis_checkpoint_table  # noqa: PLC0415
+
+    destination = Path(destination)
+    if destination.suffix != ".safetensors":
+        raise ValueError(
+            f"CompVis export writes a single .safetensors file; got destination {destination} "
+            "(pickled .ckpt files are not written: they need torch and execute code on load)"
+        )
+    tensors = compvis_checkpoint_table(checkpoint.spec).to_torch(checkpoint.params)
+    metadata = {"format": "pt", SPEC_METADATA_KEY: json.dumps(spec_to_dict(checkpoint.spec))}
+    with atomic_output(destination, overwrite=overwrite) as temporary:
+        safetensors.numpy.save_file(tensors, str(temporary), metadata=metadata)
+    return destination

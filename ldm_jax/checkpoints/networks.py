@@ -1,0 +1,60 @@
+"""The Flax modules a ModelSpec describes, and their parameter shapes (without allocating them)."""
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from ldm_jax.checkpoints.spec import ModelSpec
+from ldm_jax.models.autoencoder import AutoencoderKL
+from ldm_jax.models.clip_text import CLIPTextTransformer
+from ldm_jax.models.conditioning import ClassEmbedder, SpatialRescaler
+from ldm_jax.models.ldm_bert import LDMBert
+from ldm_jax.models.params import abstract_params
+from ldm_jax.models.unet import UNet
+from ldm_jax.models.vq import VQModel
+
+
+def network_modules(spec: ModelSpec, dtype=jnp.float32) -> dict[str, tuple[nn.Module, tuple]]:
+    """{"first_stage" | "unet" | "cond_stage": (module, example inputs for init)}."""
+    fs = spec.first_stage
+    fs_class = VQModel if spec.first_stage_kind == "vq" else AutoencoderKL
+    fs_module = fs_class(fs, dtype=dtype)
+    size = fs.downsample_factor
+    modules = {"first_stage": (fs_module, (jnp.zeros((1, size, size, fs.in_channels)),))}
+    if spec.unet is not None:
+        u = spec.unet
+        size = u.downsampling_factor
+        x = jnp.zeros((1, size, size, u.in_channels))
+        context = jnp.zeros((1, 1, u.context_dim)) if u.context_dim else None
+        y = None
+        if isinstance(u.num_classes, int):
+            y = jnp.zeros((1,), jnp.int32)
+        elif u.num_classes == "sequential":
+            y = jnp.zeros((1, u.adm_in_channels))
+        modules["unet"] = (UNet(u, dtype=dtype), (x, jnp.zeros((1,), jnp.int32), context, y))
+    cond = spec.cond_stage
+    if cond is not None:
+        c = cond.config
+        if cond.kind in ("clip", "openclip"):
+            modules["cond_stage"] = (CLIPTextTransformer(c, dtype=dtype), (_ids(c.max_length),))
+        elif cond.kind == "ldm_bert":
+            modules["cond_stage"] = (LDMBert(c, dtype=dtype), (_ids(c.max_length),))
+        elif cond.kind == "class":
+            modules["cond_stage"] = (ClassEmbedder(c, dtype=dtype), (jnp.zeros((1,), jnp.int32),))
+        elif cond.kind == "spatial_rescaler" and c.out_channels is not None:
+            x = jnp.zeros((1, 8, 8, c.in_channels))
+            modules["cond_stage"] = (SpatialRescaler(c, dtype=dtype), (x,))
+    return modules
+
+
+def _ids(length: int):
+    return jnp.zeros((1, length), jnp.int32)
+
+
+def abstract_checkpoint_params(spec: ModelSpec) -> dict[str, Any]:
+    """Parameter shapes of every network of `spec` (jax.ShapeDtypeStruct leaves, no memory)."""
+    return {
+        name: abstract_params(module, *inputs)
+        for name, (module, inputs) in network_modules(spec).items()
+    }

@@ -1,0 +1,99 @@
+"""orbax folders: the parameter tree as an orbax checkpoint plus the ModelSpec as JSON.
+
+Layout: <dir>/ldm_spec.json, <dir>/params/ (orbax StandardCheckpointer), and <dir>/tokenizer/
+when the checkpoint has a tokenizer that can write itself. Restoring accepts shardings, so a
+checkpoint can be read straight onto a device mesh (each host reads only its shards).
+"""
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from ldm_jax.checkpoints.atomic import atomic_output
+from ldm_jax.checkpoints.networks import abstract_checkpoint_params
+from ldm_jax.checkpoints.spec import LatentDiffusionCheckpoint, spec_from_dict, spec_to_dict
+
+SPEC_FILE = "ldm_spec.json"
+PARAMS_DIR = "params"
+TOKENIZER_DIR = "tokenizer"
+
+
+class OrbaxCheckpointError(ValueError):
+    """A folder that is not a readable ldm_jax orbax checkpoint."""
+
+
+def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
+    path = Path(path)
+    return (path / SPEC_FILE).is_file() and (path / PARAMS_DIR).is_dir()
+
+
+def save_orbax(
+    checkpoint: LatentDiffusionCheckpoint, destination: str | os.PathLike, *, overwrite=False
+) -> Path:
+    """Write `checkpoint` as an orbax folder at `destination` (atomically)."""
+    with atomic_output(destination, overwrite=overwrite) as temporary:
+        temporary.mkdir()
+        # closing the checkpointer joins its background writer before the folder is renamed
+        # (or removed, when the save failed)
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(temporary.absolute() / PARAMS_DIR, checkpoint.params)
+            checkpointer.wait_until_finished()
+        spec_json = json.dumps(spec_to_dict(checkpoint.spec), indent=1)
+        (temporary / SPEC_FILE).write_text(spec_json)
+        if hasattr(checkpoint.tokenizer, "write_folder"):
+            checkpoint.tokenizer.write_folder(temporary / TOKENIZER_DIR)
+    return Path(destination)
+
+
+def read_spec(path: str | os.PathLike):
+    path = Path(path)
+    if not is_orbax_checkpoint(path):
+        raise OrbaxCheckpointError(
+            f"{path} is not an ldm_jax orbax checkpoint (expected {SPEC_FILE} and {PARAMS_DIR}/)"
+        )
+    try:
+        return spec_from_dict(json.loads((path / SPEC_FILE).read_text()))
+    except (json.JSONDecodeError, ValueError, TypeError) as error:
+        raise OrbaxCheckpointError(f"{path / SPEC_FILE} is not a valid spec: {error}") from error
+
+
+def restore_orbax(
+    path: str | os.PathLike, *, shardings: Any = None, dtype=None
+) -> LatentDiffusionCheckpoint:
+    """Read an orbax folder written by `save_orbax`.
+
+    `shardings`: None (default device), one `jax.sharding.Sharding` for every parameter, or a
+    pytree of shardings shaped like the parameters. `dtype` converts floating parameters.
+    """
+    path = Path(path)
+    spec = read_spec(path)
+    abstract = abstract_checkpoint_params(spec)
+    if shardings is None:
+        shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, abstract)
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=s),
+        abstract,
+        shardings,
+    )
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            params = checkpointer.restore(path.absolute() / PARAMS_DIR, target)
+    except (ValueError, KeyError, FileNotFoundError) as error:
+        raise OrbaxCheckpointError(
+            f"{path / PARAMS_DIR} does not hold the parameters its spec describes: {error}"
+        ) from error
+    return LatentDiffusionCheckpoint(spec, params, _tokenizer(path / TOKENIZER_DIR, spec))
+
+
+def _tokenizer(folder: Path, spec) -> Any:
+    if not folder.is_dir() or spec.cond_stage is None:
+        return None
+    from ldm_jax.tokenizers import tokenizer_from_folder  # noqa: PLC0415 - optional dependency
+
+    return tokenizer_from_folder(folder, spec.cond_stage.kind)

@@ -1,0 +1,61 @@
+"""Tiny ModelSpecs (SD1-like, SD2-like, unconditional VQ) shared by the checkpoint IO tests."""
+
+import jax
+import numpy as np
+
+from ldm_jax.checkpoints.networks import abstract_checkpoint_params
+from ldm_jax.checkpoints.spec import CondStageSpec, DiffusionSpec, ModelSpec
+from ldm_jax.models.autoencoder import AutoencoderConfig
+from ldm_jax.models.clip_text import CLIPTextConfig
+from ldm_jax.models.unet import UNetConfig
+from ldm_jax.models.vq import VQConfig
+
+TINY_VAE = AutoencoderConfig(
+    ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=32, z_channels=4, embed_dim=4
+)
+TINY_CLIP = CLIPTextConfig(
+    vocab_size=49408, max_length=77, width=32, num_layers=2, num_heads=2, mlp_dim=64
+)
+TINY_UNET = UNetConfig(
+    in_channels=4,
+    out_channels=4,
+    model_channels=32,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    attention_resolutions=(1, 2),
+    num_heads=2,
+    use_spatial_transformer=True,
+    context_dim=32,
+    legacy=False,
+)
+SD1_LIKE = ModelSpec(
+    first_stage=TINY_VAE, unet=TINY_UNET, cond_stage=CondStageSpec("clip", TINY_CLIP)
+)
+
+TINY_VQ = VQConfig(
+    ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=32, z_channels=3, embed_dim=3, n_embed=16
+)
+UNCONDITIONAL_VQ = ModelSpec(
+    first_stage=TINY_VQ,
+    unet=UNetConfig(
+        in_channels=3,
+        out_channels=3,
+        model_channels=32,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(2,),
+        num_head_channels=16,
+    ),
+    diffusion=DiffusionSpec(
+        linear_start=0.0015, linear_end=0.0195, scale_factor=1.0, conditioning_key=None
+    ),
+)
+
+
+def random_params(spec: ModelSpec, seed: int = 0) -> dict:
+    """Random values for every parameter (init would leave zeros and ones that hide errors)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda a: (0.1 * rng.standard_normal(a.shape)).astype(np.float32),
+        abstract_checkpoint_params(spec),
+    )
