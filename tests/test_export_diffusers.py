@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors
 import torch
 from tiny_specs import SD1_LIKE, UNCONDITIONAL_VQ, random_params
 from torch_reference import nchw, nhwc
@@ -120,5 +121,8 @@ def test_existing_destination_is_refused(tmp_path):
 def test_bf16_parameters_export(tmp_path):
     params = jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), random_params(UNCONDITIONAL_VQ))
     save_diffusers(LatentDiffusionCheckpoint(UNCONDITIONAL_VQ, params), tmp_path / "bf16")
-    unet = diffusers.UNet2DModel.from_pretrained(tmp_path / "bf16" / "unet")
+    weights = tmp_path / "bf16" / "unet" / "diffusion_pytorch_model.safetensors"
+    with safetensors.safe_open(str(weights), "pt") as f:
+        assert f.get_tensor("conv_in.weight").dtype == torch.bfloat16
+    unet = diffusers.UNet2DModel.from_pretrained(weights.parent, torch_dtype=torch.bfloat16)
     assert next(unet.parameters()).dtype == torch.bfloat16

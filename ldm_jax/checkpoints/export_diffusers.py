@@ -163,9 +163,7 @@ def _tokenizer_for(checkpoint: LatentDiffusionCheckpoint):
         return checkpoint.tokenizer
     from ldm_jax.tokenizers.clip import CLIPTokenizer  # noqa: PLC0415
 
-    if checkpoint.spec.cond_stage.kind == "openclip":
-        return CLIPTokenizer.openclip()
-    return CLIPTokenizer.from_packaged_vocab()
+    return CLIPTokenizer.for_cond_stage(checkpoint.spec.cond_stage.kind)
 
 
 def _scheduler_config(spec: ModelSpec) -> dict[str, Any]:

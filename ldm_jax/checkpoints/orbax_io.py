@@ -94,6 +94,8 @@ def restore_orbax(
 def _tokenizer(folder: Path, spec) -> Any:
     if not folder.is_dir() or spec.cond_stage is None:
         return None
-    from ldm_jax.tokenizers import tokenizer_from_folder  # noqa: PLC0415 - optional dependency
+    from ldm_jax.tokenizers import BertTokenizer, CLIPTokenizer  # noqa: PLC0415
 
-    return tokenizer_from_folder(folder, spec.cond_stage.kind)
+    if spec.cond_stage.kind == "ldm_bert":
+        return BertTokenizer.from_folder(folder)
+    return CLIPTokenizer.from_folder(folder)
