@@ -13,8 +13,9 @@ from ldm_jax.models.vq import VQConfig
 TINY_VAE = AutoencoderConfig(
     ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=32, z_channels=4, embed_dim=4
 )
+# 64-wide heads as in every CLIP text tower, so the architecture is detectable from the keys
 TINY_CLIP = CLIPTextConfig(
-    vocab_size=49408, max_length=77, width=32, num_layers=2, num_heads=2, mlp_dim=64
+    vocab_size=49408, max_length=77, width=64, num_layers=2, num_heads=1, mlp_dim=128
 )
 TINY_UNET = UNetConfig(
     in_channels=4,
@@ -25,7 +26,7 @@ TINY_UNET = UNetConfig(
     attention_resolutions=(1, 2),
     num_heads=2,
     use_spatial_transformer=True,
-    context_dim=32,
+    context_dim=64,
     legacy=False,
 )
 SD1_LIKE = ModelSpec(

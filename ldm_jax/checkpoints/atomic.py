@@ -30,7 +30,8 @@ def atomic_output(destination: str | os.PathLike, *, overwrite: bool = False) ->
     destination = Path(destination)
     if destination.exists() and not overwrite:
         raise DestinationExistsError(
-            f"destination {destination} already exists; choose a new path or overwrite explicitly"
+            f"destination {destination} already exists; choose a new path, or overwrite it "
+            "explicitly (overwrite=True; --overwrite on the command line)"
         )
     destination.parent.mkdir(parents=True, exist_ok=True)
     temporary = destination.parent / f".{destination.name}.tmp-{uuid.uuid4().hex[:8]}"

@@ -34,8 +34,8 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
 class CondStageSpec:
     kind: str
     config: CLIPTextConfig | LDMBertConfig | ClassEmbedderConfig | SpatialRescalerConfig
-    # False when the encoder's weights are not in the checkpoint (e.g. CompVis SD 1.x files do
-    # carry CLIP; a "__is_unconditional__" model has no cond stage at all).
+    # CompVis cond_stage_trainable: trained jointly with the UNet (LDM BERT, class embedder) rather
+    # than frozen (CLIP in Stable Diffusion). The weights are in the checkpoint either way.
     trainable: bool = False
 
     def __post_init__(self):

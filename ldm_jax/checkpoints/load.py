@@ -1,0 +1,282 @@
+"""`load_checkpoint`: the one entry point that turns user-supplied weights into a
+`LatentDiffusionCheckpoint` (spec + params + tokenizer).
+
+Accepted: a CompVis / Stability-AI single file (`.safetensors`, or a pickled `.ckpt`/`.pt`/`.pth`/
+`.bin` read weights-only), a diffusers pipeline folder (with `model_index.json`), or a Hugging Face
+hub id `org/name` of such a folder (fetched only when no local path of that name exists;
+offline, only what is cached).
+"""
+
+import dataclasses
+import json
+import re
+import warnings
+from pathlib import Path
+
+from ldm_jax.checkpoints.compvis import (
+    compvis_checkpoint_table,
+    ema_state_dict,
+    has_ema_weights,
+    without_training_loss,
+)
+from ldm_jax.checkpoints.detect import (
+    ArchitectureError,
+    CompVisArchitecture,
+    detect_architecture,
+)
+from ldm_jax.checkpoints.diffusers_folder import (
+    FIRST_STAGE_FOLDERS,
+    MODEL_INDEX,
+    TEXT_FOLDERS,
+    is_diffusers_folder,
+    load_diffusers_folder,
+    weight_files,
+)
+from ldm_jax.checkpoints.export_compvis import SPEC_METADATA_KEY
+from ldm_jax.checkpoints.files import (
+    SAFETENSORS_SUFFIXES,
+    TORCH_SUFFIXES,
+    CheckpointFileError,
+    open_tensor_file,
+    read_params,
+)
+from ldm_jax.checkpoints.key_table import CheckpointMismatchError
+from ldm_jax.checkpoints.networks import abstract_checkpoint_params
+from ldm_jax.checkpoints.orbax_io import SPEC_FILE, is_orbax_checkpoint, restore_orbax
+from ldm_jax.checkpoints.spec import (
+    PREDICTION_TYPES,
+    LatentDiffusionCheckpoint,
+    ModelSpec,
+    spec_from_dict,
+)
+from ldm_jax.checkpoints.yaml_config import spec_from_yaml
+
+LOCAL_ACCEPTED = (
+    f"a CompVis checkpoint file ({', '.join(SAFETENSORS_SUFFIXES + TORCH_SUFFIXES)}), "
+    f"a diffusers folder with {MODEL_INDEX}, or an ldm_jax orbax folder with {SPEC_FILE}"
+)
+ACCEPTED = f"{LOCAL_ACCEPTED}, or a Hugging Face hub id 'org/name'"
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_HUB_FOLDERS = ("unet", *FIRST_STAGE_FOLDERS, *TEXT_FOLDERS)
+_CLIP_VOCAB_SIZE = 49408  # the packaged OpenAI CLIP BPE vocabulary
+
+
+def load_checkpoint(
+    path_or_id,
+    *,
+    dtype=None,
+    prediction_type: str | None = None,
+    config=None,
+    use_ema: bool = False,
+    tokenizer=None,
+) -> LatentDiffusionCheckpoint:
+    """Load weights from a CompVis file, a diffusers folder or a hub id.
+
+    dtype: cast every parameter while loading (e.g. jnp.bfloat16); None keeps the stored dtypes.
+    prediction_type: "epsilon" or "v_prediction"; overrides what the file, yaml or scheduler
+        says (SD 2.x 768-v single files need it, or their yaml).
+    config: the original CompVis yaml config (path or parsed mapping), for single files whose
+        architecture the keys do not settle (LDM zoo models).
+    use_ema: load the UNet from a non-pruned CompVis file's EMA weights (`model_ema.*`).
+    tokenizer: a tokenizer folder or hub id to use instead of the checkpoint's (a diffusers
+        folder's `tokenizer/`; for CompVis files the packaged CLIP vocabulary). LDM
+        text-to-image single files need it for their BERT (bert-base-uncased) vocabulary.
+    """
+    if prediction_type not in (None, *PREDICTION_TYPES):
+        raise ValueError(
+            f"unknown prediction_type {prediction_type!r}; allowed: {PREDICTION_TYPES}"
+        )
+    path = Path(path_or_id)
+    if path.is_file():
+        if path.suffix.lower() in (".yaml", ".yml"):
+            raise CheckpointFileError(
+                f"{path} is a config, not weights; pass it as config= with the checkpoint file"
+            )
+        return _load_compvis(path, dtype, prediction_type, config, use_ema, tokenizer)
+    if path.is_dir() and is_orbax_checkpoint(path):
+        if config is not None or use_ema:
+            raise ValueError(
+                "config= and use_ema= apply to CompVis single files, not orbax folders"
+            )
+        checkpoint = restore_orbax(path, dtype=dtype)
+        spec = _with_prediction_type(checkpoint.spec, prediction_type, source=path / SPEC_FILE)
+        tokenizer = _tokenizer(spec, tokenizer) if tokenizer else checkpoint.tokenizer
+        return LatentDiffusionCheckpoint(spec, checkpoint.params, tokenizer)
+    if path.is_dir() and not is_diffusers_folder(path):
+        raise CheckpointFileError(f"{path} is a folder without {MODEL_INDEX}; accepted: {ACCEPTED}")
+    if not path.is_dir():
+        if not _HUB_ID.fullmatch(str(path_or_id)):
+            raise CheckpointFileError(f"{path_or_id}: no such file or folder; accepted: {ACCEPTED}")
+        path = download_from_hub(str(path_or_id))
+    if config is not None or use_ema:
+        raise ValueError(
+            "config= and use_ema= apply to CompVis single files; a diffusers folder carries its "
+            "configs and its (EMA or not) UNet"
+        )
+    spec, params, tokenizer_folder = load_diffusers_folder(path, dtype=dtype)
+    spec = _with_prediction_type(spec, prediction_type, source=f"{path}/scheduler")
+    return LatentDiffusionCheckpoint(spec, params, _tokenizer(spec, tokenizer or tokenizer_folder))
+
+
+# ------------------------------------------------------------------ CompVis single files
+
+
+def _load_compvis(path: Path, dtype, prediction_type, config, use_ema, tokenizer):
+    with open_tensor_file(path) as state_dict:
+        if config is not None:
+            arch = spec_from_yaml(config, state_dict)
+        elif SPEC_METADATA_KEY in state_dict.extras:  # written by ldm_jax: the spec is exact
+            spec = spec_from_dict(json.loads(state_dict.extras[SPEC_METADATA_KEY]))
+            arch = CompVisArchitecture(spec, source="ldm_jax metadata")
+        else:
+            try:
+                arch = detect_architecture(state_dict)
+            except ArchitectureError as error:
+                raise ArchitectureError(f"{path}: {error}") from None
+        spec = arch.spec
+        if spec.unet is not None and prediction_type is None and arch.source == "keys":
+            if spec.cond_stage.kind == "openclip":
+                warnings.warn(
+                    f"{path.name}: Stable Diffusion 2.x; the file does not say whether the UNet "
+                    "predicts epsilon (512px base models) or v (768-v models). Assuming "
+                    "epsilon; pass prediction_type='v_prediction' or the yaml config for 768-v.",
+                    stacklevel=3,
+                )
+        spec = _with_prediction_type(spec, prediction_type, config)
+        if arch.source != "ldm_jax metadata":
+            spec = _sd2_v_defaults(spec, config)
+        source = state_dict
+        if spec.unet is None:
+            source = without_training_loss(state_dict)
+        if use_ema:
+            if spec.unet is None or not has_ema_weights(state_dict):
+                raise CheckpointMismatchError(
+                    f"{path} has no EMA weights (no model_ema.* UNet keys); load it without "
+                    "use_ema=True"
+                )
+            source = ema_state_dict(state_dict)
+        table = compvis_checkpoint_table(
+            spec, first_stage_as_cond_stage=arch.first_stage_as_cond_stage
+        )
+        try:
+            params = read_params(table, source, abstract_checkpoint_params(spec), dtype)
+        except CheckpointMismatchError as error:
+            how = (
+                "the architecture of the yaml config"
+                if arch.source == "yaml"
+                else "the architecture detected from its keys and shapes (pass the original "
+                "yaml config, config=..., if that is wrong)"
+            )
+            raise CheckpointMismatchError(f"{path} does not fit {how}: {error}") from None
+    return LatentDiffusionCheckpoint(spec, params, _tokenizer(spec, tokenizer))
+
+
+def _with_prediction_type(spec: ModelSpec, prediction_type: str | None, source) -> ModelSpec:
+    """The spec with the prediction type the caller asked for (warning if `source` said else)."""
+    diffusion = spec.diffusion
+    if prediction_type is not None and prediction_type != diffusion.prediction_type:
+        if source is not None:
+            warnings.warn(
+                f"prediction_type={prediction_type!r} overrides {diffusion.prediction_type!r} "
+                f"from {source}",
+                stacklevel=3,
+            )
+        diffusion = dataclasses.replace(diffusion, prediction_type=prediction_type)
+    return dataclasses.replace(spec, diffusion=diffusion)
+
+
+def _sd2_v_defaults(spec: ModelSpec, config) -> ModelSpec:
+    """SD 2.x v-prediction (768-v) single files: attention upcast as in diffusers'
+    stable-diffusion-2(-1) config (no effect in fp32; keeps fp16/bf16 softmax stable), and,
+    without a yaml to say so, 96x96 latents (v2-inference-v.yaml image_size)."""
+    sd2 = spec.cond_stage is not None and spec.cond_stage.kind == "openclip"
+    if spec.unet is None or not sd2 or spec.diffusion.prediction_type != "v_prediction":
+        return spec
+    diffusion = spec.diffusion
+    if config is None:
+        diffusion = dataclasses.replace(diffusion, latent_size=96)
+    unet = dataclasses.replace(spec.unet, upcast_attention=True)
+    return dataclasses.replace(spec, unet=unet, diffusion=diffusion)
+
+
+# ------------------------------------------------------------------ tokenizers
+
+
+def _tokenizer(spec: ModelSpec, source=None):
+    """The prompt tokenizer of `spec`'s text encoder, from `source` (a folder or hub id: the
+    caller's `tokenizer=`, or a diffusers folder's `tokenizer/`), else the packaged CLIP BPE."""
+    cond = spec.cond_stage
+    if cond is None or cond.kind not in ("clip", "openclip", "ldm_bert"):
+        return None
+    from ldm_jax.tokenizers import BertTokenizer, CLIPTokenizer
+
+    length = cond.config.max_length
+    if cond.kind == "ldm_bert":
+        if source is None:
+            warnings.warn(
+                "the LDM BERT text encoder needs the bert-base-uncased vocabulary, which a "
+                "CompVis file does not hold: pass tokenizer=<folder or hub id> to attach one",
+                stacklevel=3,
+            )
+            return None
+        return BertTokenizer.from_pretrained(source, max_length=length)
+    if source is not None:
+        return CLIPTokenizer.from_pretrained(source, max_length=length)
+    if cond.config.vocab_size == _CLIP_VOCAB_SIZE:  # the packaged vocabulary fits
+        return CLIPTokenizer.for_cond_stage(cond.kind, max_length=length)
+    return None
+
+
+# ------------------------------------------------------------------ hub ids
+
+
+def _hub_patterns(folders, weights) -> list[str]:
+    return [f"{f}/{w}" for f in folders for w in weights]
+
+
+def download_from_hub(repo_id: str) -> Path:
+    """A diffusers pipeline repo's networks, scheduler and tokenizer via huggingface_hub
+    (safetensors weights; `.bin` only for components without them)."""
+    from huggingface_hub import snapshot_download
+
+    patterns = [MODEL_INDEX, "scheduler/*.json", "tokenizer/*"]
+    patterns += _hub_patterns(_HUB_FOLDERS, ("config.json", "*.safetensors.index.json"))
+    patterns += _hub_patterns(
+        _HUB_FOLDERS,
+        (
+            "diffusion_pytorch_model.safetensors",
+            "model.safetensors",
+            "diffusion_pytorch_model-*-of-*.safetensors",
+            "model-*-of-*.safetensors",
+        ),
+    )
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
+        lacking = [
+            f for f in _HUB_FOLDERS if (folder / f).is_dir() and not _has_weights(folder / f)
+        ]
+        if lacking:
+            bins = ("diffusion_pytorch_model.bin", "pytorch_model.bin", "*.bin.index.json")
+            bins += ("diffusion_pytorch_model-*-of-*.bin", "pytorch_model-*-of-*.bin")
+            folder = Path(snapshot_download(repo_id, allow_patterns=_hub_patterns(lacking, bins)))
+    except Exception as error:  # noqa: BLE001 - every failure to fetch has the same remedy
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise CheckpointFileError(
+            f"{repo_id!r} is not a local file or folder, and fetching it from the Hugging Face "
+            f"hub failed ({type(error).__name__}: {reason}). Offline, or for a private or "
+            f"mistyped repo, pass a local path instead: {LOCAL_ACCEPTED}"
+        ) from None
+    if not is_diffusers_folder(folder):
+        raise CheckpointFileError(
+            f"hub repo {repo_id!r} is not a diffusers pipeline (no {MODEL_INDEX}); for a "
+            "single-file checkpoint in a repo, download the file and pass its path"
+        )
+    return folder
+
+
+def _has_weights(folder: Path) -> bool:
+    try:
+        weight_files(folder)
+    except CheckpointFileError:
+        return False
+    return True
