@@ -96,8 +96,8 @@ def test_ema_weights_are_what_gets_exported(tmp_path):
 def test_orbax_round_trip_of_a_loaded_checkpoint(tmp_path):
     safetensors.numpy.save_file(_compvis_source(), str(tmp_path / "sd.safetensors"))
     checkpoint = load_checkpoint(tmp_path / "sd.safetensors")
-    save_checkpoint(checkpoint, tmp_path / "orbax", format="orbax")
-    restored = load_checkpoint(tmp_path / "orbax")
+    checkpoint.save_pretrained(tmp_path / "orbax", format="orbax")
+    restored = type(checkpoint).from_pretrained(tmp_path / "orbax")
     assert restored.spec == checkpoint.spec
     for a, b in zip(
         jax.tree.leaves(restored.params), jax.tree.leaves(checkpoint.params), strict=True

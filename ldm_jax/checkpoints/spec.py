@@ -94,6 +94,19 @@ class LatentDiffusionCheckpoint:
     params: dict[str, Any]  # {"unet", "first_stage", "cond_stage"}: plain pytrees
     tokenizer: Any = None  # a tokenizer object from ldm_jax.tokenizers, when the model takes text
 
+    @classmethod
+    def from_pretrained(cls, path_or_id, **kwargs) -> "LatentDiffusionCheckpoint":
+        """Load a CompVis file, diffusers folder, orbax folder or hub id (see load_checkpoint)."""
+        from ldm_jax.checkpoints.load import load_checkpoint  # noqa: PLC0415 - import cycle
+
+        return load_checkpoint(path_or_id, **kwargs)
+
+    def save_pretrained(self, destination, *, format: str, overwrite: bool = False):  # noqa: A002
+        """Write as "diffusers" (folder), "compvis" (.safetensors file) or "orbax" (folder)."""
+        from ldm_jax.checkpoints.save import save_checkpoint  # noqa: PLC0415 - import cycle
+
+        return save_checkpoint(self, destination, format=format, overwrite=overwrite)
+
 
 # --- JSON (de)serialisation: orbax folders and exported files carry the spec they were made from.
 _SPEC_TYPES = {
