@@ -8,8 +8,9 @@ one copy of its parameters plus one tensor (a memory-mapped .ckpt adds its touch
 
 PyTorch Lightning checkpoints (CompVis `.ckpt` files, the LDM zoo `model.ckpt`s) also pickle
 training objects (`callbacks` holding a `ModelCheckpoint`, hyper-parameters); the weights-only
-unpickler refuses their classes. Those classes are replaced by inert placeholders
-(`torch.serialization.safe_globals`), so the load stays weights-only and the objects are dropped.
+unpickler refuses their classes. Classes of known training-framework modules are replaced by inert
+placeholders (`torch.serialization.safe_globals`), so the load stays weights-only and the objects
+are dropped; any other pickled global (e.g. a function call) is refused with an error.
 """
 
 import json
@@ -25,6 +26,21 @@ import numpy as np
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _MAX_PLACEHOLDER_ROUNDS = 8
+# Modules whose pickled objects (callbacks, hyper-parameters, numpy scalars in them) training
+# checkpoints carry besides their tensors. Only these become placeholders; any other global is a
+# refusal, since a weights file has no reason to pickle, e.g., `subprocess.getoutput`.
+_PLACEHOLDER_MODULES = (
+    "pytorch_lightning.",
+    "lightning.",
+    "lightning_fabric.",
+    "omegaconf.",
+    "numpy.",
+    "_codecs.encode",
+    "argparse.Namespace",
+    "pathlib.",
+    "ldm.",
+    "taming.",
+)
 _SAFETENSORS_DTYPES = {
     "F64": np.float64,
     "F32": np.float32,
@@ -211,6 +227,13 @@ def _torch_load(path: Path) -> Any:
         except pickle.UnpicklingError as error:
             missing = _unsupported_globals(path, error, zipped)
             new = [name for name in missing if name not in {n for _, n in placeholders}]
+            refused = [n for n in new if not n.startswith(_PLACEHOLDER_MODULES)]
+            if refused:
+                raise CheckpointFileError(
+                    f"{path} pickles {', '.join(refused)}, which no weights file needs; refusing "
+                    "to read it (it may try to run code). Convert it to .safetensors where you "
+                    "trust its origin."
+                ) from None
             if not new:
                 raise CheckpointFileError(
                     f"{path} cannot be read as a weights-only checkpoint: {_first_line(error)}"
