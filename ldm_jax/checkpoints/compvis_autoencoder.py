@@ -14,17 +14,23 @@ ldm/models/autoencoder.py, taming's VectorQuantizer2). Layout facts:
 Training checkpoints also hold the loss (`loss.*`); compvis.py names those keys.
 """
 
-from ldm_jax.checkpoints.key_table import Entry, KeyTable, Transform, key_map
+from ldm_jax.checkpoints.key_table import (
+    Entry,
+    KeyTable,
+    Transform,
+    key_map,
+    layer_maps,
+    norm_maps,
+)
 from ldm_jax.models.autoencoder import AutoencoderConfig
 from ldm_jax.models.vq import VQConfig
 
 
 def _conv(t: str, f: str, transform: Transform = Transform.CONV) -> list[Entry]:
-    return [key_map(f"{t}.weight", f"{f}/kernel", transform), key_map(f"{t}.bias", f"{f}/bias")]
+    return layer_maps(t, f, transform)
 
 
-def _norm(t: str, f: str) -> list[Entry]:
-    return [key_map(f"{t}.weight", f"{f}/scale"), key_map(f"{t}.bias", f"{f}/bias")]
+_norm = norm_maps
 
 
 def _resnet(t: str, f: str, in_channels: int, out_channels: int) -> list[Entry]:

@@ -6,7 +6,15 @@ ldm/modules/encoders/modules.py (CompVis/latent-diffusion, CompVis/stable-diffus
 Stability-AI/stablediffusion) and CompVis' ldm/modules/x_transformer.py.
 """
 
-from ldm_jax.checkpoints.key_table import Entry, KeyTable, Transform, fused_key_map, key_map
+from ldm_jax.checkpoints.key_table import (
+    Entry,
+    KeyTable,
+    Transform,
+    fused_key_map,
+    key_map,
+    layer_maps,
+    norm_maps,
+)
 from ldm_jax.checkpoints.spec import CondStageSpec
 from ldm_jax.checkpoints.transformers_clip import TEXT_MODEL_PREFIX, clip_text_key_table
 from ldm_jax.models.clip_text import CLIPTextConfig
@@ -21,13 +29,11 @@ OPENCLIP_PREFIX = "model."  # FrozenOpenCLIPEmbedder.model: open_clip CLIP witho
 OPENCLIP_UNUSED = ("text_projection", "logit_scale", "attn_mask")
 
 
-def _norm(t: str, f: str) -> list[Entry]:
-    return [key_map(f"{t}.weight", f"{f}/scale"), key_map(f"{t}.bias", f"{f}/bias")]
+_norm = norm_maps
 
 
 def _linear(t: str, f: str, *, bias: bool = True) -> list[Entry]:
-    entries = [key_map(f"{t}.weight", f"{f}/kernel", Transform.LINEAR)]
-    return entries + ([key_map(f"{t}.bias", f"{f}/bias")] if bias else [])
+    return layer_maps(t, f, Transform.LINEAR, bias=bias)
 
 
 def compvis_clip_table(cfg: CLIPTextConfig, text_model_prefix: str = TEXT_MODEL_PREFIX) -> KeyTable:

@@ -23,19 +23,14 @@ from ldm_jax.checkpoints.key_table import (
     Transform,
     fused_key_map,
     key_map,
+    layer_maps,
+    norm_maps,
 )
 from ldm_jax.models.unet import AttentionSpec, UNetConfig, unet_layout
 
+_norm = norm_maps
 
-def _norm(t: str, f: str) -> list[Entry]:
-    return [key_map(f"{t}.weight", f"{f}/scale"), key_map(f"{t}.bias", f"{f}/bias")]
-
-
-def _layer(t: str, f: str, transform: Transform, *, bias: bool = True) -> list[Entry]:
-    entries = [key_map(f"{t}.weight", f"{f}/kernel", transform)]
-    if bias:
-        entries.append(key_map(f"{t}.bias", f"{f}/bias"))
-    return entries
+_layer = layer_maps
 
 
 def _resblock(t: str, f: str, *, skip: bool) -> list[Entry]:

@@ -11,7 +11,14 @@ Every key is enumerated from the hyper-parameters. Layout facts the table encode
 from collections.abc import Mapping
 from typing import Any
 
-from ldm_jax.checkpoints.key_table import KeyMap, KeyTable, Transform, key_map
+from ldm_jax.checkpoints.key_table import (
+    KeyMap,
+    KeyTable,
+    Transform,
+    key_map,
+    layer_maps,
+    norm_maps,
+)
 from ldm_jax.models.autoencoder import AutoencoderConfig
 from ldm_jax.models.vq import VQConfig
 
@@ -20,21 +27,14 @@ _UP, _ATTN_UP = "UpDecoderBlock2D", "AttnUpDecoderBlock2D"
 
 
 def _conv(t: str, f: str) -> list[KeyMap]:
-    return [
-        key_map(f"{t}.weight", f"{f}/kernel", Transform.CONV),
-        key_map(f"{t}.bias", f"{f}/bias"),
-    ]
+    return layer_maps(t, f, Transform.CONV)
 
 
-def _norm(t: str, f: str) -> list[KeyMap]:
-    return [key_map(f"{t}.weight", f"{f}/scale"), key_map(f"{t}.bias", f"{f}/bias")]
+_norm = norm_maps
 
 
 def _linear(t: str, f: str) -> list[KeyMap]:
-    return [
-        key_map(f"{t}.weight", f"{f}/kernel", Transform.LINEAR),
-        key_map(f"{t}.bias", f"{f}/bias"),
-    ]
+    return layer_maps(t, f, Transform.LINEAR)
 
 
 def _resnet(t: str, f: str, in_channels: int, out_channels: int) -> list[KeyMap]:

@@ -15,7 +15,14 @@ norm2, conv2 / conv_shortcut.
 
 from typing import Any
 
-from ldm_jax.checkpoints.key_table import KeyMap, KeyTable, Transform, key_map
+from ldm_jax.checkpoints.key_table import (
+    KeyMap,
+    KeyTable,
+    Transform,
+    key_map,
+    layer_maps,
+    norm_maps,
+)
 from ldm_jax.models.unet import (
     AttentionSpec,
     BlockSpec,
@@ -25,21 +32,9 @@ from ldm_jax.models.unet import (
     unet_layout,
 )
 
+_norm = norm_maps
 
-def _norm(torch_prefix: str, flax_prefix: str) -> list[KeyMap]:
-    return [
-        key_map(f"{torch_prefix}.weight", f"{flax_prefix}/scale"),
-        key_map(f"{torch_prefix}.bias", f"{flax_prefix}/bias"),
-    ]
-
-
-def _layer(
-    torch_prefix: str, flax_prefix: str, transform: Transform, *, bias: bool = True
-) -> list[KeyMap]:
-    entries = [key_map(f"{torch_prefix}.weight", f"{flax_prefix}/kernel", transform)]
-    if bias:
-        entries.append(key_map(f"{torch_prefix}.bias", f"{flax_prefix}/bias"))
-    return entries
+_layer = layer_maps
 
 
 def _resnet(t: str, f: str, *, skip: bool) -> list[KeyMap]:

@@ -87,6 +87,24 @@ def key_map(torch_key: str, flax_path: str, transform: Transform = Transform.IDE
     return KeyMap(torch_key, tuple(flax_path.split("/")), transform)
 
 
+def layer_maps(
+    torch_name: str, flax_path: str, transform: Transform, *, bias: bool = True
+) -> list[KeyMap]:
+    """`<torch_name>.weight` -> `<flax_path>/kernel` (with `transform`), and the bias if any."""
+    entries = [key_map(f"{torch_name}.weight", f"{flax_path}/kernel", transform)]
+    if bias:
+        entries.append(key_map(f"{torch_name}.bias", f"{flax_path}/bias"))
+    return entries
+
+
+def norm_maps(torch_name: str, flax_path: str) -> list[KeyMap]:
+    """A GroupNorm / LayerNorm: `.weight`/`.bias` -> `scale`/`bias`."""
+    return [
+        key_map(f"{torch_name}.weight", f"{flax_path}/scale"),
+        key_map(f"{torch_name}.bias", f"{flax_path}/bias"),
+    ]
+
+
 @dataclasses.dataclass(frozen=True)
 class FusedKeyMap:
     """One torch tensor that stacks several of our parameters along its first (output) axis.

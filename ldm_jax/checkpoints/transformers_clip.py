@@ -12,7 +12,14 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from ldm_jax.checkpoints.key_table import CheckpointMismatchError, KeyTable, Transform, key_map
+from ldm_jax.checkpoints.key_table import (
+    CheckpointMismatchError,
+    KeyTable,
+    Transform,
+    key_map,
+    layer_maps,
+    norm_maps,
+)
 from ldm_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer
 from ldm_jax.models.params import abstract_params
 
@@ -36,26 +43,12 @@ def clip_text_key_table(config: CLIPTextConfig, prefix: str = "") -> KeyTable:
             ("v", "v_proj"),
             ("out", "out_proj"),
         ):
-            entries += [
-                key_map(
-                    f"{t}self_attn.{theirs}.weight", f"{f}attn/{ours}/kernel", Transform.LINEAR
-                ),
-                key_map(f"{t}self_attn.{theirs}.bias", f"{f}attn/{ours}/bias"),
-            ]
+            entries += layer_maps(f"{t}self_attn.{theirs}", f"{f}attn/{ours}", Transform.LINEAR)
         for ours, theirs in (("norm1", "layer_norm1"), ("norm2", "layer_norm2")):
-            entries += [
-                key_map(f"{t}{theirs}.weight", f"{f}{ours}/scale"),
-                key_map(f"{t}{theirs}.bias", f"{f}{ours}/bias"),
-            ]
+            entries += norm_maps(f"{t}{theirs}", f"{f}{ours}")
         for fc in ("fc1", "fc2"):
-            entries += [
-                key_map(f"{t}mlp.{fc}.weight", f"{f}{fc}/kernel", Transform.LINEAR),
-                key_map(f"{t}mlp.{fc}.bias", f"{f}{fc}/bias"),
-            ]
-    entries += [
-        key_map(f"{p}final_layer_norm.weight", "final_norm/scale"),
-        key_map(f"{p}final_layer_norm.bias", "final_norm/bias"),
-    ]
+            entries += layer_maps(f"{t}mlp.{fc}", f"{f}{fc}", Transform.LINEAR)
+    entries += norm_maps(f"{p}final_layer_norm", "final_norm")
     # position_ids is a non-persistent buffer that older transformers versions still saved.
     return KeyTable(entries, ignorable=[f"{p}embeddings.position_ids"])
 
