@@ -7,20 +7,21 @@ Every sampler has one signature::
 
 - ``denoise_fn(x_t, t_B) -> output``: a pure JAX function of the noisy sample (x_T's shape) and one
   int32 timestep per batch element; its output is eps, x0 or v per ``prediction_type`` ("epsilon",
-  "sample", "v_prediction"; aliases "eps", "x0", "v"). Close the network's params over in the CALLER's
-  jitted function (or use functools.partial); wrap it with ``classifier_free_guidance`` for CFG.
+  "sample", "v_prediction"; aliases "eps", "x0", "v"). Close the network's params over in the
+  CALLER's jitted function (or use functools.partial); wrap it with ``classifier_free_guidance`` for
+  CFG.
 - ``x_T``: float32 noise; all sampler math runs in fp32 whatever the network's dtype.
 - ``schedule``: a ``NoiseSchedule`` (a pytree: pass it as a jit argument).
 - ``timesteps``: decreasing training timesteps (``make_timesteps``); the sampler steps from
   ``timesteps[i]`` to ``prev_timesteps[i]`` (option; default the next entry, then -1 = clean data).
 - ``rng``: a PRNG key for the stochastic samplers (DDPM, DDIM with eta > 0), which also accept
-  precomputed per-step ``noise`` [N, *x_T.shape].
-- ``callback(i, x)``: optional host callback after every step (``jax.debug.callback``), for progress.
+  precomputed per-step ``noise`` [N, *x_T.shape]. - ``callback(i, x)``: optional host callback after
+  every step (``jax.debug.callback``), for progress.
 
-The whole loop is one ``lax.scan`` (sampler state in the carry), so ``jax.jit`` compiles a sampler once
-per shape and step count. Samplers: ``ddpm`` (Ho et al. Alg. 2), ``ddim`` (Song et al. eq. 12, ``eta``),
-``plms`` (Liu et al. PNDM, eps only), ``dpm_solver`` (Lu et al. DPM-Solver++(2M)); each matches the
-corresponding diffusers scheduler step for step (see tests/test_diffusion_samplers.py).
+The whole loop is one ``lax.scan`` (sampler state in the carry), so ``jax.jit`` compiles a sampler
+once per shape and step count. Samplers: ``ddpm`` (Ho et al. Alg. 2), ``ddim`` (Song et al. eq. 12,
+``eta``), ``plms`` (Liu et al. PNDM, eps only), ``dpm_solver`` (Lu et al. DPM-Solver++(2M)); each
+matches the corresponding diffusers scheduler step for step (see tests/test_diffusion_samplers.py).
 """
 
 from ldm_jax.diffusion import ddim, ddpm, dpm_solver, plms
@@ -43,7 +44,12 @@ from ldm_jax.diffusion.timesteps import (
     strided_previous_timesteps,
 )
 
-SAMPLERS = {"ddpm": ddpm.sample, "ddim": ddim.sample, "plms": plms.sample, "dpm_solver": dpm_solver.sample}
+SAMPLERS = {
+    "ddpm": ddpm.sample,
+    "ddim": ddim.sample,
+    "plms": plms.sample,
+    "dpm_solver": dpm_solver.sample,
+}
 
 __all__ = [
     "PREDICTION_TYPES",

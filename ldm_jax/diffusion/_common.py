@@ -1,4 +1,5 @@
-"""Shared plumbing of the samplers: argument checks, abar lookup, per-step noise, the scanned loop."""
+"""Shared plumbing of the samplers: argument checks, abar lookup, per-step noise, the scanned
+loop."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """DDPM ancestral sampler (Ho et al. 2020, "Denoising Diffusion Probabilistic Models", Algorithm 2).
 
 Each step samples the posterior q(x_prev | x_t, x0_pred) (eq. 6-7) with the "fixed_small" variance
-(1 - abar_prev) / (1 - abar_t) beta_t, beta_t = 1 - abar_t / abar_prev, clamped at 1e-20, and no noise at
-t = 0 -- step for step the same as diffusers ``DDPMScheduler.step`` (previous = next entry of the list,
--1 after the last, i.e. the default ``prev_timesteps``).
+(1 - abar_prev) / (1 - abar_t) beta_t, beta_t = 1 - abar_t / abar_prev, clamped at 1e-20, and no
+noise at t = 0 -- step for step the same as diffusers ``DDPMScheduler.step`` (previous = next entry
+of the list, -1 after the last, i.e. the default ``prev_timesteps``).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Classifier-free guidance (Ho & Salimans 2022, "Classifier-Free Diffusion Guidance", eq. 6).
 
-out = uncond + scale * (cond - uncond), with cond and uncond (the empty or negative prompt) evaluated in
-ONE batched network call ([uncond; cond] along the batch, as CompVis ``DDIMSampler`` and diffusers'
-pipelines do). The combination is applied to the raw network output, whatever its prediction type
-(CompVis combines eps or v the same way). scale == 1 skips the unconditional half.
+out = uncond + scale * (cond - uncond), with cond and uncond (the empty or negative prompt)
+evaluated in ONE batched network call ([uncond; cond] along the batch, as CompVis ``DDIMSampler``
+and diffusers' pipelines do). The combination is applied to the raw network output, whatever its
+prediction type (CompVis combines eps or v the same way). scale == 1 skips the unconditional half.
 """
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ def guidance_combine(uncond, cond, scale) -> jax.Array:
 def classifier_free_guidance(
     apply_fn: Callable, cond, uncond=None, scale: float = 7.5
 ) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """Turn ``apply_fn(x_t_B, t_B, conditioning) -> output`` into a sampler's ``denoise_fn(x_t, t_B)``.
+    """Turn ``apply_fn(x_t_B, t_B, conditioning) -> output`` into a sampler's ``denoise_fn(x_t,
+    t_B)``.
 
     ``cond``/``uncond`` are conditioning pytrees (e.g. a context array [B, L, D], or a dict of them)
     whose leaves have batch size B. Build the wrapper inside the caller's jitted function so the
-    conditioning arrays are traced arguments, not baked-in constants. A Python ``scale`` of exactly 1
-    calls the network on ``cond`` alone; any other scale (Python number or traced scalar) needs
+    conditioning arrays are traced arguments, not baked-in constants. A Python ``scale`` of exactly
+    1 calls the network on ``cond`` alone; any other scale (Python number or traced scalar) needs
     ``uncond``.
     """
     skip_uncond = isinstance(scale, int | float) and float(scale) == 1.0

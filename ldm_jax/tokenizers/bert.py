@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ldm_jax.tokenizers import files
+from ldm_jax.tokenizers.base import VocabTokenizer, as_text_list
 from ldm_jax.tokenizers.files import TokenizerFileError
 
 MAX_LENGTH = 77
@@ -60,11 +61,14 @@ def _read_folder_vocab(folder: Path) -> tuple[dict[str, int], str]:
     return files.vocab_ids(model.get("vocab"), source), source
 
 
-class BertTokenizer:
+class BertTokenizer(VocabTokenizer):
     """Prompts -> int32 token ids [B, max_length], as CompVis BERTTokenizer produces them.
 
     Build with `from_folder(path)` or `from_pretrained(path or hub id)`.
     """
+
+    folder_files = _FOLDER_FILES
+    folder_needs = _FOLDER_NEEDS
 
     def __init__(
         self,
@@ -132,39 +136,9 @@ class BertTokenizer:
         }
         return cls(vocab, source=source, **{**settings, **kwargs})
 
-    @classmethod
-    def from_pretrained(
-        cls, name_or_path: str | os.PathLike, *, subfolder: str = "", cache_dir=None, **kwargs
-    ) -> "BertTokenizer":
-        """A local folder, or a hub id such as "bert-base-uncased" fetched through huggingface_hub
-        (only when named; offline, one error saying to pass a local folder with vocab.txt)."""
-        folder = files.resolve_folder(
-            name_or_path,
-            subfolder=subfolder,
-            patterns=(*_FOLDER_FILES, "tokenizer.json"),
-            needs=_FOLDER_NEEDS,
-            cache_dir=cache_dir,
-        )
-        return cls.from_folder(folder, **kwargs)
-
-    @property
-    def vocab(self) -> Mapping[str, int]:
-        return self._vocab
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self._vocab)
-
-    @property
-    def hf_tokenizer(self):
-        return self._hf
-
     def __call__(self, texts: str | Sequence[str], *, return_attention_mask: bool = False):
         """ids [B, max_length] int32 (and the attention mask, 1 on [CLS]..[SEP], if asked)."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        if not all(isinstance(t, str) for t in texts):
-            kinds = sorted({type(t).__name__ for t in texts})
-            raise TypeError(f"expected a string or a sequence of strings, got items of {kinds}")
+        texts = as_text_list(texts)
         if not texts:
             empty = np.zeros((0, self.max_length), np.int32)
             return (empty, empty.copy()) if return_attention_mask else empty

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ldm_jax.tokenizers import files
+from ldm_jax.tokenizers.base import VocabTokenizer, as_text_list
 from ldm_jax.tokenizers.files import TokenizerFileError
 
 BOS_TOKEN = "<|startoftext|>"
@@ -114,13 +115,16 @@ def _read_folder_vocab(folder: Path) -> tuple[dict[str, int], Merges]:
     return vocab, _parse_merges(enumerate(texts, start=1), source + " merge")
 
 
-class CLIPTokenizer:
+class CLIPTokenizer(VocabTokenizer):
     """Prompts -> int32 token ids [B, max_length] for a CLIP text encoder.
 
     Build with `from_packaged_vocab()` (offline), `for_cond_stage("clip" | "openclip")`,
     `from_folder(path)` (a diffusers `tokenizer/` folder), `from_pretrained(path or hub id)` or
     `from_bpe_file(path)`; `pad_token_id` picks EOS padding (SD 1.x) or 0 (SD 2.x, OpenCLIP).
     """
+
+    folder_files = _FOLDER_FILES
+    folder_needs = _FOLDER_NEEDS
 
     def __init__(
         self,
@@ -206,45 +210,15 @@ class CLIPTokenizer:
             pad_token_id = vocab[pad]
         return cls(vocab, merges, pad_token_id=pad_token_id, source=str(folder), **kwargs)
 
-    @classmethod
-    def from_pretrained(
-        cls, name_or_path: str | os.PathLike, *, subfolder: str = "", cache_dir=None, **kwargs
-    ) -> "CLIPTokenizer":
-        """A local folder, or a hub id (e.g. a pipeline repo with subfolder="tokenizer") fetched
-        through huggingface_hub; offline, one error saying to pass a local folder."""
-        folder = files.resolve_folder(
-            name_or_path,
-            subfolder=subfolder,
-            patterns=(*_FOLDER_FILES, "tokenizer.json"),
-            needs=_FOLDER_NEEDS,
-            cache_dir=cache_dir,
-        )
-        return cls.from_folder(folder, **kwargs)
-
     # --- use
-    @property
-    def vocab(self) -> Mapping[str, int]:
-        return self._vocab
 
     @property
     def merges(self) -> Merges:
         return self._merges
 
-    @property
-    def vocab_size(self) -> int:
-        return len(self._vocab)
-
-    @property
-    def hf_tokenizer(self):
-        """The transformers tokenizer underneath (it pads with EOS whatever `pad_token_id` is)."""
-        return self._hf
-
     def __call__(self, texts: str | Sequence[str], *, return_attention_mask: bool = False):
         """ids [B, max_length] int32 (and the attention mask, 1 on BOS..EOS, if asked)."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        if not all(isinstance(t, str) for t in texts):
-            kinds = sorted({type(t).__name__ for t in texts})
-            raise TypeError(f"expected a string or a sequence of strings, got items of {kinds}")
+        texts = as_text_list(texts)
         encoded = (
             self._hf(texts, truncation=True, max_length=self.max_length)["input_ids"]
             if texts
