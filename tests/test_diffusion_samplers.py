@@ -4,7 +4,6 @@ Both sides run the same analytic denoiser from the same x_T (and the same per-st
 and DDIM eta > 0) on the same alphas_cumprod; every intermediate sample is compared.
 """
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,8 +27,8 @@ def jax_model(prediction_type, schedule):
     Gaussian data, eps = sigma_t x, plus a t-dependent bias); the v-model is its v-prediction
     analogue.
 
-    A denoiser like 0.1 x + ... drives x0_pred and the samples to |x| ~ 40, where 1e-5 is a few fp32
-    ulp.
+    (0.1 x + 0.05 sin(t / 100) drives the samples to |x| ~ 40, where 1e-5 is a few fp32 ulp;
+    ``test_ddim_brief_denoiser_relative_parity`` checks that one with a relative bound.)
     """
 
     def fn(x, t_B):
@@ -238,3 +237,37 @@ def test_dpm_solver_2m_matches_diffusers(parity, prediction_type, steps, spacing
     reference = run_reference(scheduler, prediction_type, x_T())
     ours = run_ours(dpm_solver.sample, prediction_type, x_T(), schedule_of(scheduler), timesteps)
     check(parity, f"dpm++2m {prediction_type} N={steps} {spacing}", ours, reference)
+
+
+@pytest.mark.parametrize("sampler_name", ["ddim", "dpm"])
+def test_ddim_brief_denoiser_relative_parity(parity, sampler_name):
+    """eps = 0.1 x + 0.05 sin(t / 100): samples grow to |x| ~ 40, so compare relative to scale."""
+
+    def ours_model(x, t_B):
+        return 0.1 * x + 0.05 * jnp.sin(t_B.astype(jnp.float32)[:, None, None, None] / 100.0)
+
+    if sampler_name == "ddim":
+        scheduler = DDIMScheduler(**BASE, clip_sample=False, steps_offset=1)
+        sampler = ddim.sample
+    else:
+        scheduler = DPMSolverMultistepScheduler(**BASE, algorithm_type="dpmsolver++")
+        sampler = dpm_solver.sample
+    scheduler.set_timesteps(50)
+    timesteps = scheduler.timesteps.numpy()
+    x = x_T()
+    reference = []
+    for t in scheduler.timesteps:
+        out = 0.1 * x + 0.05 * torch.sin(torch.tensor(float(t)) / 100.0)
+        x = scheduler.step(out, t, x).prev_sample
+        reference.append(x.numpy())
+    options = {}
+    if sampler_name == "ddim":
+        options["prev_timesteps"] = ts.strided_previous_timesteps(timesteps, T)
+    ours = sampler(
+        ours_model, jnp.asarray(x_T().numpy()), schedule_of(scheduler), timesteps, **options
+    )
+    reference = np.stack(reference)
+    assert np.abs(reference[-1]).max() > 10
+    parity(
+        f"{sampler_name} N=50 with 0.1 x + 0.05 sin(t/100) (final x)", ours, reference[-1], tol=1e-5
+    )

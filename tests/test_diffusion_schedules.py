@@ -33,12 +33,17 @@ def test_schedule_matches_diffusers(kind, diffusers_kind, start, end):
 
 
 def test_compvis_linear_and_cosine_formulas():
-    """CompVis make_beta_schedule: linspace of sqrt in fp64, squared; cosine normalised by
-    abar(0).""" T, s = 1000, 8e-3 compvis_linear = torch.linspace(0.00085**0.5, 0.012**0.5, T,
-    dtype=torch.float64) ** 2 np.testing.assert_allclose( make_schedule("compvis_linear").betas,
-    compvis_linear.numpy(), rtol=1e-6 ) steps = torch.arange(T + 1, dtype=torch.float64) / T + s
-    alphas = torch.cos(steps / (1 + s) * math.pi / 2) ** 2 alphas = alphas / alphas[0] betas =
-    np.clip((1 - alphas[1:] / alphas[:-1]).numpy(), 0, 0.999) ours = make_schedule("cosine", T)
+    """CompVis make_beta_schedule: linspace of sqrt (fp64) squared; cosine normalised by abar(0)."""
+    T, s = 1000, 8e-3
+    compvis_linear = torch.linspace(0.00085**0.5, 0.012**0.5, T, dtype=torch.float64) ** 2
+    np.testing.assert_allclose(
+        make_schedule("compvis_linear").betas, compvis_linear.numpy(), rtol=1e-6
+    )
+    steps = torch.arange(T + 1, dtype=torch.float64) / T + s
+    alphas = torch.cos(steps / (1 + s) * math.pi / 2) ** 2
+    alphas = alphas / alphas[0]
+    betas = np.clip((1 - alphas[1:] / alphas[:-1]).numpy(), 0, 0.999)
+    ours = make_schedule("cosine", T)
     np.testing.assert_allclose(ours.betas, betas, rtol=1e-5)
     np.testing.assert_allclose(ours.alphas_cumprod, np.cumprod(1 - betas), rtol=1e-5, atol=1e-7)
 

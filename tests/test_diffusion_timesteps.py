@@ -1,5 +1,4 @@
-"""Sampling timesteps: diffusers' spacings, CompVis make_ddim_timesteps, range and argument
-checks."""
+"""Sampling timesteps: diffusers' spacings, CompVis make_ddim_timesteps, ranges, arg checks."""
 
 import numpy as np
 import pytest

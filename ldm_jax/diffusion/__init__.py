@@ -15,8 +15,9 @@ Every sampler has one signature::
 - ``timesteps``: decreasing training timesteps (``make_timesteps``); the sampler steps from
   ``timesteps[i]`` to ``prev_timesteps[i]`` (option; default the next entry, then -1 = clean data).
 - ``rng``: a PRNG key for the stochastic samplers (DDPM, DDIM with eta > 0), which also accept
-  precomputed per-step ``noise`` [N, *x_T.shape]. - ``callback(i, x)``: optional host callback after
-  every step (``jax.debug.callback``), for progress.
+  precomputed per-step ``noise`` [N, *x_T.shape].
+- ``callback(i, x)``: optional host callback after every step (``jax.debug.callback``), for
+  progress bars.
 
 The whole loop is one ``lax.scan`` (sampler state in the carry), so ``jax.jit`` compiles a sampler
 once per shape and step count. Samplers: ``ddpm`` (Ho et al. Alg. 2), ``ddim`` (Song et al. eq. 12,

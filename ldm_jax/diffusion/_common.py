@@ -1,5 +1,4 @@
-"""Shared plumbing of the samplers: argument checks, abar lookup, per-step noise, the scanned
-loop."""
+"""Shared sampler plumbing: argument checks, abar lookup, per-step noise, the scanned loop."""
 
 from __future__ import annotations
 

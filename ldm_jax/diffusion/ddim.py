@@ -1,10 +1,12 @@
 """DDIM sampler (Song et al. 2021, "Denoising Diffusion Implicit Models", eq. 12).
 
-x_prev = sqrt(abar_prev) x0_pred + sqrt(1 - abar_prev - s_t^2) eps_pred + s_t z, s_t = eta sqrt((1 -
-abar_prev) / (1 - abar_t) (1 - abar_t / abar_prev)) (eq. 16). eta = 0 is deterministic DDIM, eta = 1
-the DDPM posterior variance. Step for step the same as diffusers ``DDIMScheduler.step`` (which steps
-to ``t - T // N``: pass ``strided_previous_timesteps``) and CompVis ``DDIMSampler`` (previous = next
-entry, abar_0 after the last: ``previous_timesteps(t, final=0)``).
+    x_prev = sqrt(abar_prev) x0_pred + sqrt(1 - abar_prev - s_t^2) eps_pred + s_t z,
+    s_t = eta sqrt((1 - abar_prev) / (1 - abar_t) (1 - abar_t / abar_prev))   (eq. 16).
+
+eta = 0 is deterministic DDIM, eta = 1 the DDPM posterior variance. Step for step the same as
+diffusers ``DDIMScheduler.step`` (which steps to ``t - T // N``: pass
+``strided_previous_timesteps``) and CompVis ``DDIMSampler`` (previous = next entry, abar_0 after
+the last: ``previous_timesteps(t, final=0)``).
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ def sample(
 ):
     """Run DDIM from x_T over ``timesteps`` (decreasing); returns x_0 (fp32).
 
-    ``eta`` (a Python float) > 0 needs ``rng`` or precomputed ``noise`` [N, *x_T.shape]. ``clip_x0``
-    clips x0_pred to [-clip_x0, clip_x0] (diffusers ``clip_sample``; eps is not re-derived).
+    ``eta`` (a Python float) > 0 needs ``rng`` or precomputed ``noise`` [N, *x_T.shape].
+    ``clip_x0`` clips x0_pred to [-clip_x0, clip_x0] (diffusers ``clip_sample``; eps is kept).
     """
     kind = canonical_prediction_type(prediction_type)
     x = _common.check_x(x_T)

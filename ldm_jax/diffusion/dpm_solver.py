@@ -1,19 +1,20 @@
-"""DPM-Solver++(2M): the multistep second-order solver of Lu et al. 2022, "DPM-Solver++: Fast Solver
-for Guided Sampling of Diffusion Probabilistic Models", Algorithm 2 (data prediction, midpoint
-form).
+"""DPM-Solver++(2M): the multistep second-order solver of Lu et al. 2022, "DPM-Solver++: Fast
+Solver for Guided Sampling of Diffusion Probabilistic Models", Algorithm 2 (data prediction form,
+midpoint variant).
 
-With lambda = log(alpha / sigma) and h = lambda_next - lambda_cur, r = h_prev / h:
-x_next = (sigma_next / sigma_cur) x - alpha_next (e^{-h} - 1) (D0 + D1 / 2), D0 = x0_cur, D1 =
-(x0_cur - x0_prev) / r. The first step and the final step (to sigma = 0, clean data) are first order
-(DDIM in lambda), as diffusers' default ``lower_order_final`` with ``final_sigmas_type="zero"``
-does.
+With lambda = log(alpha / sigma), h = lambda_next - lambda_cur and r = h_prev / h:
+
+    x_next = (sigma_next / sigma_cur) x - alpha_next (e^{-h} - 1) (D0 + D1 / 2),
+    D0 = x0_cur, D1 = (x0_cur - x0_prev) / r.
+
+The first step and the final step (to sigma = 0, clean data) are first order (DDIM in lambda), as
+diffusers' default ``lower_order_final`` with ``final_sigmas_type="zero"`` does.
 
 Step for step the same as diffusers ``DPMSolverMultistepScheduler(algorithm_type="dpmsolver++",
 solver_order=2)``: alpha and sigma are derived like diffusers from sigma_VP = sqrt((1 - abar) /
 abar), alpha = 1 / sqrt(sigma_VP^2 + 1), sigma = sigma_VP alpha; previous = next entry, clean data
 after the last (the default ``prev_timesteps``). diffusers' own "linspace"/"leading" lists for this
-scheduler differ from DDIM's (they drop the last of N + 1 points): pass its ``timesteps`` as an
-array for parity.
+scheduler differ from DDIM's (they drop the last of N + 1 points): pass them as an array for parity.
 """
 
 from __future__ import annotations
@@ -43,11 +44,13 @@ def sample(
     prev_timesteps=None,
     callback=None,
 ):
-    """Run DPM-Solver++(2M) from x_T over ``timesteps`` (decreasing); returns x_0. ``rng`` is
-    unused.""" del rng  # deterministic kind = canonical_prediction_type(prediction_type) x =
-    _common.check_x(x_T) t_N, prev_N = _common.as_timesteps(timesteps, prev_timesteps) N =
-    t_N.shape[0] before_N = jnp.concatenate([t_N[:1], t_N[:-1]])  # the timestep of the previous
-    step (x0_prev)
+    """Run DPM-Solver++(2M) from x_T over ``timesteps`` (decreasing); returns x_0 (rng unused)."""
+    del rng  # deterministic
+    kind = canonical_prediction_type(prediction_type)
+    x = _common.check_x(x_T)
+    t_N, prev_N = _common.as_timesteps(timesteps, prev_timesteps)
+    N = t_N.shape[0]
+    before_N = jnp.concatenate([t_N[:1], t_N[:-1]])  # the timestep of the previous step (x0_prev)
 
     def step(carry, inputs):
         x, x0_prev = carry

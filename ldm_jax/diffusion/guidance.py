@@ -23,8 +23,7 @@ def guidance_combine(uncond, cond, scale) -> jax.Array:
 def classifier_free_guidance(
     apply_fn: Callable, cond, uncond=None, scale: float = 7.5
 ) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """Turn ``apply_fn(x_t_B, t_B, conditioning) -> output`` into a sampler's ``denoise_fn(x_t,
-    t_B)``.
+    """Turn ``apply_fn(x_t, t_B, conditioning) -> output`` into a ``denoise_fn(x_t, t_B)``.
 
     ``cond``/``uncond`` are conditioning pytrees (e.g. a context array [B, L, D], or a dict of them)
     whose leaves have batch size B. Build the wrapper inside the caller's jitted function so the

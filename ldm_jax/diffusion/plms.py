@@ -3,16 +3,18 @@ for Diffusion Models on Manifolds" (PNDM), eq. 12 with the transfer function phi
 
 This is CompVis ``PLMSSampler`` and diffusers ``PNDMScheduler(skip_prk_steps=True)``: the first step
 is an Euler step followed by a Heun-like correction (the model is evaluated again at the next
-timestep and the two eps are averaged, re-stepping from the same sample: N + 1 evaluations for N >=
-2 steps); later steps use the 2nd/3rd/4th-order Adams-Bashforth combinations of the eps history.
+timestep and the two eps are averaged, re-stepping from the same sample: N + 1 evaluations for
+N >= 2 steps); later steps use the 2nd/3rd/4th-order Adams-Bashforth combinations of the eps
+history.
 
 PLMS needs eps predictions. A v- or x0-model raises ValueError; wrap it with
 ``parameterization.as_epsilon_fn`` to convert each evaluation to eps (diffusers' PNDMScheduler
 instead combines raw v outputs and converts the combination, which is not the same method).
 
-Step for step the same as diffusers with ``prev_timesteps=strided_previous_timesteps(t, T,
-final=0)`` (PNDMScheduler's ``set_alpha_to_one=False``) and "leading" spacing, and as CompVis with
-"uniform" spacing and ``previous_timesteps(t, final=0)``.
+Step for step the same as diffusers with "leading" spacing and
+``prev_timesteps=strided_previous_timesteps(t, T, final=0)`` (PNDMScheduler's
+``set_alpha_to_one=False``), and as CompVis with "uniform" spacing and
+``previous_timesteps(t, final=0)``.
 """
 
 from __future__ import annotations
@@ -58,14 +60,20 @@ def sample(
     del rng  # deterministic
     if canonical_prediction_type(prediction_type) != "epsilon":
         raise ValueError(
-            f"PLMS needs eps predictions, got prediction_type={prediction_type!r}; wrap the model
-            with " "ldm_jax.diffusion.parameterization.as_epsilon_fn(denoise_fn, schedule,
-            prediction_type)" ) x = _common.check_x(x_T) t_N, prev_N =
-            _common.as_timesteps(timesteps, prev_timesteps) N = t_N.shape[0] if N == 1: eval_t,
-            from_t, to_t = t_N, t_N, prev_N else:  # iteration 1 evaluates at t_1 and corrects the
-            step t_0 -> prev_0, then t_1 is run again eval_t = jnp.concatenate([t_N[:2], t_N[1:]])
-            from_t = jnp.concatenate([t_N[:1], t_N]) to_t = jnp.concatenate([prev_N[:1], prev_N]) M
-            = eval_t.shape[0]
+            f"PLMS needs eps predictions, got prediction_type={prediction_type!r}; wrap the "
+            "model with ldm_jax.diffusion.parameterization.as_epsilon_fn(denoise_fn, schedule, "
+            "prediction_type)"
+        )
+    x = _common.check_x(x_T)
+    t_N, prev_N = _common.as_timesteps(timesteps, prev_timesteps)
+    N = t_N.shape[0]
+    if N == 1:
+        eval_t, from_t, to_t = t_N, t_N, prev_N
+    else:  # iteration 1 evaluates at t_1 and corrects the step t_0 -> prev_0, then t_1 is run again
+        eval_t = jnp.concatenate([t_N[:2], t_N[1:]])
+        from_t = jnp.concatenate([t_N[:1], t_N])
+        to_t = jnp.concatenate([prev_N[:1], prev_N])
+    M = eval_t.shape[0]
 
     def step(carry, inputs):
         x, x_saved, ets, count = carry

@@ -1,5 +1,4 @@
-"""Discrete noise schedules of the forward process q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t)
-I).
+"""Discrete noise schedules of q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I).
 
 Ho et al. 2020 (DDPM) define betas_t and abar_t = prod_{s<=t} (1 - beta_s); Nichol & Dhariwal 2021
 add the cosine schedule. Kinds, with their reference equivalents:
@@ -7,8 +6,8 @@ add the cosine schedule. Kinds, with their reference equivalents:
 - ``"scaled_linear"`` (alias ``"compvis_linear"``): linspace of sqrt(beta), squared. This is what
   CompVis ``make_beta_schedule("linear")`` builds (ldm/modules/diffusionmodules/util.py) and what
   diffusers calls ``beta_schedule="scaled_linear"``; Stable Diffusion uses it with 0.00085 .. 0.012.
-- ``"linear"``: plain linspace of beta (diffusers ``"linear"``, the DDPM paper's 1e-4 .. 0.02). -
-  ``"cosine"``: abar(t) = cos^2(((t / T) + 0.008) / 1.008 * pi / 2), betas clipped at 0.999
+- ``"linear"``: plain linspace of beta (diffusers ``"linear"``, the DDPM paper's 1e-4 .. 0.02).
+- ``"cosine"``: abar(t) = cos^2(((t / T) + 0.008) / 1.008 * pi / 2), betas clipped at 0.999
   (diffusers ``"squaredcos_cap_v2"``, CompVis ``"cosine"``).
 
 Betas and abar are computed in float64 and stored in float32 whatever the network's dtype.

@@ -3,13 +3,13 @@
 Spacings and their references:
 
 - ``"uniform"``, ``"quad"``: CompVis ``make_ddim_timesteps`` (stable-diffusion
-  ldm/modules/diffusionmodules/util.py): ``arange(N) * (T // N)`` or ``int(linspace(0, sqrt(0.8 T),
-  N) ** 2)``, then shifted by +1 ("add one to get the final alpha values right"). "uniform" equals
-  diffusers "leading" with ``steps_offset=1``. Where CompVis would index past T - 1 (N = T), the +1
-  shift is dropped instead. "quad" repeats small timesteps for large N, as CompVis does.
-- ``"leading"``: diffusers ``arange(N) * (T // N) + steps_offset`` (SD 1.x uses ``steps_offset=1``);
-  the offset is reduced where it would push the largest timestep past T - 1 (only N = T with offset
-  1).
+  ldm/modules/diffusionmodules/util.py): ``arange(N) * (T // N)`` or
+  ``int(linspace(0, sqrt(0.8 T), N) ** 2)``, then shifted by +1 ("add one to get the final alpha
+  values right"). "uniform" equals diffusers "leading" with ``steps_offset=1``. Where CompVis would
+  index past T - 1 (N = T), the +1 shift is dropped instead. "quad" repeats small timesteps for
+  large N, as CompVis does.
+- ``"leading"``: diffusers ``arange(N) * (T // N) + steps_offset`` (SD 1.x: ``steps_offset=1``);
+  the offset is reduced where it would push the largest timestep past T - 1 (N = T, offset 1).
 - ``"trailing"``: diffusers ``round(arange(T, 0, -T / N)) - 1`` (Lin et al. 2023, "Common Diffusion
   Noise Schedules and Sample Steps are Flawed", table 2), always exactly N steps (diffusers' float
   ``arange`` sometimes emits an extra ``-1``, which is dropped here).
@@ -17,8 +17,8 @@ Spacings and their references:
 
 Samplers step from ``timesteps[i]`` to ``prev_timesteps[i]``; a previous timestep of -1 stands for
 clean data (abar = 1). ``previous_timesteps`` gives the next entry of the list (diffusers DDPM and
-DPM-Solver, CompVis DDIM/PLMS with ``final=0``); ``strided_previous_timesteps`` gives ``t - T // N``
-(diffusers DDIM and PNDM).
+DPM-Solver, CompVis DDIM/PLMS with ``final=0``); ``strided_previous_timesteps`` gives
+``t - T // N`` (diffusers DDIM and PNDM).
 """
 
 from __future__ import annotations
@@ -63,9 +63,8 @@ def make_timesteps(
 def previous_timesteps(timesteps, final: int = -1) -> np.ndarray:
     """The next (smaller) entry of ``timesteps`` for each step, ``final`` after the last one.
 
-    ``final=-1`` ends at clean data (abar = 1, diffusers ``set_alpha_to_one=True`` / DDPM /
-    DPM-Solver); ``final=0`` ends at abar_0 (CompVis DDIM/PLMS, diffusers
-    ``set_alpha_to_one=False``).
+    ``final=-1`` ends at clean data (abar = 1: diffusers ``set_alpha_to_one=True``, DDPM, DPM);
+    ``final=0`` ends at abar_0 (CompVis DDIM/PLMS, diffusers ``set_alpha_to_one=False``).
     """
     t = np.asarray(timesteps, dtype=np.int32).reshape(-1)
     return np.concatenate([t[1:], np.array([final], np.int32)])
@@ -74,6 +73,7 @@ def previous_timesteps(timesteps, final: int = -1) -> np.ndarray:
 def strided_previous_timesteps(
     timesteps, num_train_timesteps: int = 1000, final: int = -1
 ) -> np.ndarray:
-    """diffusers DDIMScheduler / PNDMScheduler's ``prev = t - T // N``, negative ones replaced by
-    ``final``.""" t = np.asarray(timesteps, dtype=np.int32).reshape(-1) prev = t -
-    num_train_timesteps // t.size return np.where(prev < 0, final, prev).astype(np.int32)
+    """diffusers DDIM/PNDMScheduler's ``prev = t - T // N``; negative ones become ``final``."""
+    t = np.asarray(timesteps, dtype=np.int32).reshape(-1)
+    prev = t - num_train_timesteps // t.size
+    return np.where(prev < 0, final, prev).astype(np.int32)
