@@ -28,7 +28,7 @@ def jax_model(prediction_type, schedule):
     analogue.
 
     (0.1 x + 0.05 sin(t / 100) drives the samples to |x| ~ 40, where 1e-5 is a few fp32 ulp;
-    ``test_ddim_brief_denoiser_relative_parity`` checks that one with a relative bound.)
+    ``test_brief_denoiser_relative_parity`` checks that one with a relative bound.)
     """
 
     def fn(x, t_B):
@@ -240,7 +240,7 @@ def test_dpm_solver_2m_matches_diffusers(parity, prediction_type, steps, spacing
 
 
 @pytest.mark.parametrize("sampler_name", ["ddim", "dpm"])
-def test_ddim_brief_denoiser_relative_parity(parity, sampler_name):
+def test_brief_denoiser_relative_parity(parity, sampler_name):
     """eps = 0.1 x + 0.05 sin(t / 100): samples grow to |x| ~ 40, so compare relative to scale."""
 
     def ours_model(x, t_B):
