@@ -1,0 +1,169 @@
+"""LatentDiffusionPipeline end to end against diffusers' StableDiffusionPipeline (tiny, random)."""
+
+import dataclasses
+import json
+import shutil
+
+import diffusers
+import jax
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tiny_pipelines import sd_pipeline
+
+from ldm_jax.checkpoints import CondStageSpec, LatentDiffusionCheckpoint
+from ldm_jax.models.conditioning import ClassEmbedderConfig
+from ldm_jax.pipeline import LatentDiffusionPipeline, TimestepConfig
+
+PROMPTS = ["a photo of a cat", "an oil painting of a harbour"]
+NEGATIVES = ["blurry", "low quality, jpeg artefacts"]
+PIXEL_BAR = 2 / 255  # acceptance: max |ours - diffusers| on [0, 1] images
+
+
+def _diffusers_images(folder, prompts, negatives, latents_NHWC, steps=5, scale=7.5):
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    assert isinstance(pipe.scheduler, diffusers.DDIMScheduler)
+    latents = torch.from_numpy(np.ascontiguousarray(latents_NHWC.transpose(0, 3, 1, 2)))
+    out = pipe(
+        prompt=prompts,
+        negative_prompt=negatives,
+        num_inference_steps=steps,
+        guidance_scale=scale,
+        latents=latents,
+        output_type="np",
+    )
+    return out.images  # float [B, H, W, 3] in [0, 1]
+
+
+@pytest.fixture(scope="module")
+def v_folder(tmp_path_factory):
+    """The tiny SD1-style pipeline as saved by diffusers (DDIM, v_prediction, set_alpha_to_one)."""
+    folder = tmp_path_factory.mktemp("pipeline") / "sd-v"
+    sd_pipeline().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def eps_folder(v_folder, tmp_path_factory):
+    """The same weights with an epsilon scheduler ending at abar_0, as the SD 1.5 release."""
+    folder = tmp_path_factory.mktemp("pipeline") / "sd-eps"
+    shutil.copytree(v_folder, folder)
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config.update(prediction_type="epsilon", set_alpha_to_one=False, steps_offset=1)
+    config_file.write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def v_pipe(v_folder):
+    return LatentDiffusionPipeline.from_pretrained(v_folder)
+
+
+def _latents(batch, seed=0):
+    return np.random.default_rng(seed).standard_normal((batch, 8, 8, 4)).astype(np.float32)
+
+
+def test_matches_diffusers_v_prediction(v_folder, v_pipe, parity):
+    assert v_pipe.timestep_config == TimestepConfig("leading", 1, True)  # read from the folder
+    assert v_pipe.spec.diffusion.prediction_type == "v_prediction"
+    latents = _latents(2)
+    reference = _diffusers_images(v_folder, PROMPTS, NEGATIVES, latents)
+    kwargs = dict(negative_prompt=NEGATIVES, num_inference_steps=5, guidance_scale=7.5)
+    ours = v_pipe(PROMPTS, latents=latents, output="float", **kwargs)
+    assert ours.shape == reference.shape == (2, 16, 16, 3)
+    parity("pipeline: SD1-style DDIM v, CFG 7.5, 5 steps (pixels)", ours, reference, PIXEL_BAR)
+    ours_uint8 = v_pipe(PROMPTS, latents=latents, **kwargs)
+    assert ours_uint8.dtype == np.uint8
+    reference_uint8 = np.round(reference * 255).astype(np.int32)
+    assert np.abs(ours_uint8.astype(np.int32) - reference_uint8).max() <= 2
+    # the comparison sees the settings: ending at abar_0 instead of abar = 1 changes the pixels
+    v_pipe.timestep_config = TimestepConfig(set_alpha_to_one=False)  # same compiled function
+    try:
+        other = v_pipe(PROMPTS, latents=latents, output="float", **kwargs)
+    finally:
+        v_pipe.timestep_config = TimestepConfig("leading", 1, True)
+    assert np.abs(other - reference).max() > PIXEL_BAR
+    assert 0.2 < np.mean((reference > 0) & (reference < 1))  # not just saturated pixels
+
+
+def test_matches_diffusers_epsilon_batch_sharded(eps_folder, parity):
+    pipe = LatentDiffusionPipeline.from_pretrained(eps_folder)
+    assert pipe.timestep_config == TimestepConfig("leading", 1, False)
+    assert pipe.spec.diffusion.prediction_type == "epsilon"
+    batch = 8  # divides the 8 fake CPU devices of conftest: the batch is sharded
+    assert pipe.mesh.size == jax.local_device_count() == 8
+    assert pipe._batch_sharding(batch).spec == jax.sharding.PartitionSpec("data")
+    assert pipe._batch_sharding(2).spec == jax.sharding.PartitionSpec()
+    prompts = [f"prompt number {i}" for i in range(batch)]
+    latents = _latents(batch, seed=1)
+    reference = _diffusers_images(eps_folder, prompts, ["blurry"] * batch, latents)
+    ours = pipe(prompts, negative_prompt="blurry", num_inference_steps=5, latents=latents,
+                output="float")  # fmt: skip
+    parity("pipeline: SD1-style DDIM eps, CFG 7.5, 5 steps, batch 8 sharded", ours, reference,
+           PIXEL_BAR)  # fmt: skip
+
+
+def test_one_compilation_across_prompts_scales_and_weights(v_pipe):
+    pipe = LatentDiffusionPipeline(
+        LatentDiffusionCheckpoint(v_pipe.spec, v_pipe.params, v_pipe.tokenizer)
+    )
+    a = pipe("a red cube", num_inference_steps=2, seed=0)
+    b = pipe("a blue sphere on a table", num_inference_steps=2, seed=0, guidance_scale=3.0)
+    c = pipe("a red cube", num_inference_steps=2, seed=1)
+    assert pipe._generate._cache_size() == 1
+    assert a.shape == (1, 16, 16, 3) and a.dtype == np.uint8  # default size: latent_size * 2
+    assert np.array_equal(a, pipe("a red cube", num_inference_steps=2, seed=0))
+    assert not np.array_equal(a, b) and not np.array_equal(a, c)
+    pipe.params = jax.tree.map(lambda p: p * 0.5, pipe.params)  # new weights, same shapes
+    pipe("a red cube", num_inference_steps=2, seed=0)
+    assert pipe._generate._cache_size() == 1
+    # another sampler, without guidance (prompt only): one more compilation
+    unguided = pipe("a red cube", num_inference_steps=2, sampler="dpm_solver", guidance_scale=1.0,
+                    output="float")  # fmt: skip
+    assert unguided.shape == (1, 16, 16, 3) and unguided.dtype == np.float32
+    # DDIM with eta > 0 draws per-step noise from rng: same latents, other rng -> other image
+    x_T = _latents(1)
+    noisy = [
+        pipe("a red cube", num_inference_steps=2, eta=1.0, latents=x_T, seed=s) for s in (0, 1)
+    ]
+    assert not np.array_equal(*noisy)
+
+
+def test_bad_inputs(v_pipe):
+    with pytest.raises(ValueError, match="multiple of 2"):
+        v_pipe("x", height=15)
+    with pytest.raises(ValueError, match="multiple of 2"):
+        v_pipe("x", width=0)
+    with pytest.raises(ValueError, match="num_inference_steps must be >= 1"):
+        v_pipe("x", num_inference_steps=0)
+    with pytest.raises(ValueError, match="unknown sampler 'euler'.*ddim"):
+        v_pipe("x", sampler="euler")
+    with pytest.raises(ValueError, match="PLMS needs eps predictions"):
+        v_pipe("x", sampler="plms", num_inference_steps=2)
+    with pytest.raises(ValueError, match="negative_prompt has 1 entries but prompt has 2"):
+        v_pipe(["x", "y"], negative_prompt=["z"])
+    with pytest.raises(ValueError, match=r"latents must have shape \(2, 8, 8, 4\)"):
+        v_pipe(["x", "y"], latents=np.zeros((2, 4, 8, 8), np.float32))
+    with pytest.raises(ValueError, match="unknown output"):
+        v_pipe("x", output="pil")
+    with pytest.raises(ValueError, match="non-empty list of strings"):
+        v_pipe([])
+
+
+def test_non_text_conditioning_is_not_implemented(v_pipe):
+    spec = dataclasses.replace(
+        v_pipe.spec, cond_stage=CondStageSpec("class", ClassEmbedderConfig())
+    )
+    with pytest.raises(NotImplementedError, match="clip.*openclip.*ldm_bert.*'class'"):
+        LatentDiffusionPipeline(LatentDiffusionCheckpoint(spec, v_pipe.params, v_pipe.tokenizer))
+
+
+def test_to_pil():
+    images = np.zeros((2, 16, 24, 3), np.uint8)
+    pil = LatentDiffusionPipeline.to_pil(images)
+    assert len(pil) == 2 and isinstance(pil[0], Image.Image) and pil[0].size == (24, 16)
+    white = LatentDiffusionPipeline.to_pil(np.ones((1, 4, 4, 3), np.float32))[0]
+    assert white.getpixel((0, 0)) == (255, 255, 255)
