@@ -118,8 +118,10 @@ class LatentDiffusionPipeline:
         self.mesh = Mesh(np.array(jax.local_devices()), ("data",))
         replicated = NamedSharding(self.mesh, PartitionSpec())
         self.params = jax.device_put(checkpoint.params, replicated)
+        self._step_callback = None  # the current call's callback, read by _host_step
         self._generate = jax.jit(
-            self._generate_fn, static_argnames=("sampler", "eta", "guided", "output")
+            self._generate_fn,
+            static_argnames=("sampler", "eta", "guided", "output", "with_callback"),
         )
 
     @classmethod
@@ -167,6 +169,7 @@ class LatentDiffusionPipeline:
         rng=None,
         latents=None,
         output: str = "uint8",
+        callback=None,
     ) -> np.ndarray:
         """Images for ``prompt``: uint8 [B, H, W, 3] (``output="float"``: float32 in [0, 1]).
 
@@ -174,6 +177,10 @@ class LatentDiffusionPipeline:
         used when ``guidance_scale > 1`` (as diffusers). ``latents`` [B, h, w, C] (NHWC; h = H /
         vae factor) are the initial noise x_T, else drawn from ``rng`` or ``seed``; ``rng`` also
         drives the stochastic samplers (DDPM, DDIM with eta > 0).
+
+        ``callback(i, x)`` (e.g. a progress bar) runs on the host after every sampler iteration
+        with the iteration index (int) and the latents (numpy); PLMS makes N + 1 iterations for
+        N >= 2 steps (``sampler_iterations``). Any callable reuses one compiled function.
         """
         prompts = _text_list(prompt, "prompt")
         batch = len(prompts)
@@ -221,22 +228,30 @@ class LatentDiffusionPipeline:
         ids = jax.device_put(jnp.asarray(self.tokenizer(prompts), jnp.int32), data)
         neg_ids = jax.device_put(jnp.asarray(self.tokenizer(negatives), jnp.int32), data)
         latents = jax.device_put(latents, data)
-        images = self._generate(
-            self.params,
-            ids,
-            neg_ids,
-            latents,
-            self.schedule,
-            jnp.asarray(t_N),
-            None if prev_N is None else jnp.asarray(prev_N),
-            jnp.float32(guidance_scale),
-            sample_rng,
-            sampler=sampler,
-            eta=float(eta),
-            guided=guided,
-            output=output,
-        )
-        return np.asarray(images)
+        self._step_callback = callback
+        try:
+            images = self._generate(
+                self.params,
+                ids,
+                neg_ids,
+                latents,
+                self.schedule,
+                jnp.asarray(t_N),
+                None if prev_N is None else jnp.asarray(prev_N),
+                jnp.float32(guidance_scale),
+                sample_rng,
+                sampler=sampler,
+                eta=float(eta),
+                guided=guided,
+                output=output,
+                with_callback=callback is not None,
+            )
+            images = np.asarray(images)
+            if callback is not None:
+                jax.effects_barrier()  # every host callback has run before the call returns
+            return images
+        finally:
+            self._step_callback = None
 
     @staticmethod
     def to_pil(images) -> list:
@@ -260,6 +275,11 @@ class LatentDiffusionPipeline:
             sizes.append(value // f)
         return sizes[0], sizes[1]
 
+    def _host_step(self, i, x) -> None:
+        """The one host function the compiled sampler calls; forwards to the call's callback."""
+        if self._step_callback is not None:
+            self._step_callback(int(i), np.asarray(x))
+
     def _batch_sharding(self, batch: int) -> NamedSharding:
         if batch % self.mesh.size == 0:
             return NamedSharding(self.mesh, PartitionSpec("data"))
@@ -271,7 +291,7 @@ class LatentDiffusionPipeline:
 
     def _generate_fn(
         self, params, ids, neg_ids, latents, schedule, t_N, prev_N, scale, rng, *, sampler, eta,
-        guided, output,
+        guided, output, with_callback=False,
     ):  # fmt: skip
         """The pure sampling function: (params, token ids, x_T, ...) -> images."""
         batch = ids.shape[0]
@@ -294,6 +314,7 @@ class LatentDiffusionPipeline:
             prediction_type=self.spec.diffusion.prediction_type,
             rng=rng,
             prev_timesteps=prev_N,
+            callback=self._host_step if with_callback else None,
             **options,
         )
         z = (x0 / self.spec.diffusion.scale_factor).astype(self.first_stage.dtype)
@@ -302,6 +323,12 @@ class LatentDiffusionPipeline:
         if output == "uint8":
             return jnp.round(images * 255).astype(jnp.uint8)
         return images
+
+
+def sampler_iterations(sampler: str, num_inference_steps: int) -> int:
+    """How many times ``callback`` runs for N steps: N, or N + 1 for PLMS (N >= 2)."""
+    steps = int(num_inference_steps)
+    return steps + 1 if sampler == "plms" and steps >= 2 else steps
 
 
 def _text_list(texts, name: str) -> list[str]:

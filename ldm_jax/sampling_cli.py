@@ -1,0 +1,273 @@
+"""Text-to-image sampling from the shell: the logic behind ``python sample.py``.
+
+    python sample.py --checkpoint PATH_OR_ID --prompt "a photo of a cat" [--n 4] [--steps 50]
+        [--sampler ddim|ddpm|plms|dpm++] [--guidance 7.5] [--seed 0] [--out outputs/]
+
+Writes ``00.png, 01.png, ...`` (one per image) and ``grid.png`` into ``--out``, with a per-step
+progress bar on stderr. Bad input is one ``error:`` line on stderr, exit status 2, and nothing
+written: everything is checked before sampling, existing files are kept unless ``--overwrite``, and
+the PNGs are written into a temporary folder inside ``--out`` and then moved into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+# CLI name -> library sampler name
+SAMPLERS = {"ddim": "ddim", "ddpm": "ddpm", "plms": "plms", "dpm++": "dpm_solver"}
+DTYPES = ("float32", "bfloat16")
+GRID_NAME = "grid.png"
+CHECKPOINT_HELP = (
+    "a diffusers folder, a CompVis .safetensors/.ckpt file, an ldm_jax orbax folder, or a hub id "
+    "(org/name, downloaded when named)"
+)
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported as one ``error:`` line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one "error:" line instead of usage + error
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python sample.py",
+        description="Sample images from a text-conditioned latent diffusion checkpoint "
+        "(Stable Diffusion 1.x/2.x, LDM text-to-image). Writes one PNG per image and grid.png "
+        "into --out; bad input exits with status 2 and writes nothing.",
+    )
+    parser.add_argument("--checkpoint", help=f"the model: {CHECKPOINT_HELP} (required)")
+    parser.add_argument("--prompt", help="the text prompt (required; truncated to 77 tokens)")
+    parser.add_argument("--negative-prompt", default=None, help="unconditional prompt for CFG")
+    parser.add_argument("--n", type=int, default=4, help="number of images (default 4)")
+    parser.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
+    parser.add_argument(
+        "--sampler",
+        choices=tuple(SAMPLERS),
+        default="ddim",
+        help="ddim (default), ddpm, plms (epsilon models only), dpm++ (DPM-Solver++ 2M)",
+    )
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
+    parser.add_argument(
+        "--guidance", type=float, default=7.5, help="classifier-free guidance scale (7.5; <=1 off)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument(
+        "--height", type=int, help="image height in pixels, a multiple of the VAE factor (8 for SD)"
+    )
+    parser.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
+    parser.add_argument("--out", default="outputs", help="output folder (default outputs/)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace existing PNGs of the same names"
+    )
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="params/compute dtype")
+    parser.add_argument(
+        "--compilation-cache", metavar="DIR", help="JAX persistent compilation cache folder"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    unsupported = parser.add_argument_group(
+        "not supported yet (img2img / inpainting): these exit with status 2"
+    )
+    unsupported.add_argument("--init-image", metavar="PATH", help="initial image (img2img)")
+    unsupported.add_argument("--strength", type=float, help="img2img noise strength")
+    unsupported.add_argument("--mask", metavar="PATH", help="inpainting mask")
+    return parser
+
+
+def output_names(n: int) -> list[str]:
+    """The per-image file names for n images: 00.png, 01.png, ..."""
+    digits = max(2, len(str(n - 1)))
+    return [f"{i:0{digits}d}.png" for i in range(n)]
+
+
+def make_grid(images):
+    """PIL images of one size tiled in a near-square grid (ceil(sqrt(n)) columns), row by row."""
+    from PIL import Image  # noqa: PLC0415
+
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for k, image in enumerate(images):
+        grid.paste(image, ((k % cols) * w, (k // cols) * h))
+    return grid
+
+
+def check_args(args) -> None:
+    """Checks that need no model; UsageError on the first problem."""
+    if not args.checkpoint:
+        raise UsageError(f"--checkpoint is required: pass {CHECKPOINT_HELP}")
+    if args.prompt is None:
+        raise UsageError('--prompt is required, e.g. --prompt "a photo of a cat"')
+    for flag in ("init_image", "strength", "mask"):
+        if getattr(args, flag) is not None:
+            name = "--" + flag.replace("_", "-")
+            raise UsageError(f"{name} is not supported yet (img2img and inpainting arrive later)")
+    if args.n < 1:
+        raise UsageError(f"--n must be >= 1, got {args.n}")
+    if args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    for flag in ("height", "width"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UsageError(f"--{flag} must be positive, got {value}")
+    if not _exists_or_hub_id(args.checkpoint):
+        raise UsageError(f"checkpoint {args.checkpoint!r} not found: pass {CHECKPOINT_HELP}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder")
+    existing = [n for n in [*output_names(args.n), GRID_NAME] if (out / n).exists()]
+    if existing and not args.overwrite:
+        raise UsageError(
+            f"{out} already holds {', '.join(existing)}; pass --overwrite or another --out"
+        )
+
+
+def check_model(args, pipe) -> None:
+    """Checks against the loaded model; UsageError on the first problem."""
+    f = pipe.vae_scale_factor
+    for flag in ("height", "width"):
+        value = getattr(args, flag)
+        if value is not None and value % f:
+            raise UsageError(f"--{flag} {value} is not a multiple of {f} (the VAE factor)")
+    prediction = pipe.spec.diffusion.prediction_type
+    if args.sampler == "plms" and prediction not in ("epsilon", "eps"):
+        raise UsageError(
+            f"--sampler plms needs an epsilon model; this one predicts {prediction!r}: "
+            "use ddim, ddpm or dpm++"
+        )
+
+
+def prompt_warnings(tokenizer, prompts) -> list[str]:
+    """A warning for each prompt longer than the text encoder's context (it gets truncated)."""
+    hf = getattr(tokenizer, "hf_tokenizer", None)
+    limit = getattr(tokenizer, "max_length", None)
+    if hf is None or limit is None:
+        return []
+    warnings = []
+    for name, text in prompts:
+        count = len(hf.tokenize(text)) + hf.num_special_tokens_to_add()
+        if count > limit:
+            warnings.append(
+                f"warning: {name} is {count} tokens; the text encoder reads {limit}, "
+                "the rest is ignored"
+            )
+    return warnings
+
+
+def write_images(images, out: Path, metadata: dict) -> list[Path]:
+    """Save the per-image PNGs and grid.png into ``out`` (temp folder, then moves)."""
+    from PIL.PngImagePlugin import PngInfo  # noqa: PLC0415
+
+    info = PngInfo()
+    info.add_text("parameters", json.dumps(metadata))
+    names = output_names(len(images))
+    files = [*zip(names, images, strict=True), (GRID_NAME, make_grid(images))]
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".sample-", dir=out))
+    try:
+        for name, image in files:
+            image.save(staging / name, pnginfo=info)
+        written = []
+        for name, _ in files:
+            os.replace(staging / name, out / name)
+            written.append(out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return written
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        check_args(args)
+        return _sample(args)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _sample(args) -> int:
+    from ldm_jax.pipeline import LatentDiffusionPipeline, sampler_iterations  # noqa: PLC0415
+    from ldm_jax.progress import StepProgress  # noqa: PLC0415
+
+    try:
+        pipe = _load_pipeline(args.checkpoint, args.dtype, args.compilation_cache)
+    except (ValueError, OSError, ImportError, KeyError, NotImplementedError) as error:
+        raise UsageError(f"cannot load checkpoint {args.checkpoint!r}: {error}") from error
+    check_model(args, pipe)
+    texts = [("--prompt", args.prompt)]
+    if args.negative_prompt:
+        texts.append(("--negative-prompt", args.negative_prompt))
+    for line in prompt_warnings(pipe.tokenizer, texts):
+        print(line, file=sys.stderr)
+
+    sampler = SAMPLERS[args.sampler]
+    with StepProgress(
+        sampler_iterations(sampler, args.steps), desc=f"{args.sampler}", disable=args.no_progress
+    ) as progress:
+        try:
+            images = pipe(
+                [args.prompt] * args.n,
+                negative_prompt=args.negative_prompt,
+                height=args.height,
+                width=args.width,
+                num_inference_steps=args.steps,
+                guidance_scale=args.guidance,
+                sampler=sampler,
+                eta=args.eta,
+                seed=args.seed,
+                callback=progress,
+            )
+        except ValueError as error:
+            raise UsageError(str(error)) from error
+
+    metadata = {
+        key: getattr(args, key)
+        for key in ("checkpoint", "prompt", "negative_prompt", "steps", "sampler", "eta")
+    }
+    metadata.update(guidance=args.guidance, seed=args.seed)
+    written = write_images(LatentDiffusionPipeline.to_pil(images), Path(args.out), metadata)
+    names = [p.name for p in written[:-1]]
+    names = ", ".join(names) if len(names) <= 4 else f"{names[0]} ... {names[-1]}"
+    print(f"wrote {len(written) - 1} images ({names}) and {GRID_NAME} to {Path(args.out)}/")
+    return 0
+
+
+@functools.lru_cache(maxsize=1)
+def _load_pipeline(checkpoint: str, dtype: str, compilation_cache: str | None):
+    """The pipeline, kept for the next main() in this process (notebooks, tests): no recompiles."""
+    import jax.numpy as jnp  # noqa: PLC0415 - keep --help and argument errors fast
+
+    from ldm_jax.pipeline import LatentDiffusionPipeline  # noqa: PLC0415
+
+    return LatentDiffusionPipeline.from_pretrained(
+        checkpoint, dtype=getattr(jnp, dtype), compilation_cache_dir=compilation_cache
+    )
+
+
+def _exists_or_hub_id(checkpoint: str) -> bool:
+    """True for an existing path or something shaped like a hub id ("org/name")."""
+    if Path(checkpoint).expanduser().exists():
+        return True
+    parts = checkpoint.split("/")
+    local_looking = checkpoint.startswith((".", "/", "~")) or checkpoint.endswith(
+        (".safetensors", ".ckpt", ".pt", ".bin")
+    )
+    return len(parts) == 2 and all(parts) and not local_looking
+
+
+if __name__ == "__main__":
+    sys.exit(main())

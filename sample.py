@@ -1,0 +1,8 @@
+"""Sample images from a latent diffusion checkpoint: ``python sample.py --help``."""
+
+import sys
+
+from ldm_jax.sampling_cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
