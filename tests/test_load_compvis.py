@@ -10,6 +10,7 @@ import pytest
 import safetensors.numpy
 import torch
 import yaml
+from checkpoint_files import assert_same_params, write_state_dict
 from diffusers.loaders import single_file_utils as diffusers_single_file
 from tiny_specs import random_params
 
@@ -96,28 +97,12 @@ BUFFERS = {
 }
 
 
-def _assert_same(a, b):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        assert np.asarray(x).dtype == np.asarray(y).dtype
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
 def _compvis_state_dict(spec, params, *, ema=None, extra=()):
     state_dict = compvis_checkpoint_table(spec).to_torch(params) | BUFFERS | dict(extra)
     if ema is not None:
         unet = compvis_checkpoint_table(spec).to_torch(ema)
         state_dict |= {ema_key(k): v for k, v in unet.items() if k.startswith("model.diff")}
     return state_dict
-
-
-def _write(path, state_dict):
-    if path.suffix == ".safetensors":
-        safetensors.numpy.save_file(state_dict, str(path))
-    else:  # a Lightning checkpoint
-        tensors = {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}
-        torch.save({"state_dict": tensors, "global_step": 470000, "epoch": 3}, path)
-    return path
 
 
 def _write_yaml(path, spec_yaml):
@@ -131,21 +116,23 @@ def test_sd1_is_detected_from_keys_and_loads_exactly(tmp_path, suffix):
     position_ids = {
         "cond_stage_model.transformer.text_model.embeddings.position_ids": np.arange(77)[None]
     }
-    path = _write(tmp_path / f"sd1{suffix}", _compvis_state_dict(SD1, params, extra=position_ids))
+    path = write_state_dict(
+        tmp_path / f"sd1{suffix}", _compvis_state_dict(SD1, params, extra=position_ids)
+    )
     checkpoint = load_checkpoint(path)
     assert checkpoint.spec == SD1
-    _assert_same(checkpoint.params, params)
+    assert_same_params(checkpoint.params, params)
     assert isinstance(checkpoint.tokenizer, CLIPTokenizer)
     assert checkpoint.tokenizer.pad_token_id == checkpoint.tokenizer.eos_token_id  # SD 1.x pads EOS
     bf16 = load_checkpoint(path, dtype=jnp.bfloat16).params
-    _assert_same(bf16, jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), params))
+    assert_same_params(bf16, jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), params))
 
 
 def test_the_file_is_what_diffusers_converters_read(tmp_path):
     """Independent check of the layout loaded above: diffusers' own CompVis -> diffusers
     converters turn the file into exactly the state dicts our diffusers tables give."""
     params = random_params(SD1)
-    path = _write(tmp_path / "sd1.safetensors", _compvis_state_dict(SD1, params))
+    path = write_state_dict(tmp_path / "sd1.safetensors", _compvis_state_dict(SD1, params))
     file = {k: torch.from_numpy(v) for k, v in safetensors.numpy.load_file(str(path)).items()}
     loaded = load_checkpoint(path).params
     _, unet_kwargs = diffusers_unet_config(SD1.unet)
@@ -171,7 +158,7 @@ def test_the_file_is_what_diffusers_converters_read(tmp_path):
 
 def test_sd2_needs_a_prediction_hint_or_says_it_assumes_epsilon(tmp_path):
     params = random_params(SD2)
-    path = _write(tmp_path / "v2-1_768.safetensors", _compvis_state_dict(SD2, params))
+    path = write_state_dict(tmp_path / "v2-1_768.safetensors", _compvis_state_dict(SD2, params))
     with pytest.warns(UserWarning, match="Stable Diffusion 2.x.*Assuming epsilon"):
         base = load_checkpoint(path)
     assert base.spec == SD2
@@ -179,14 +166,14 @@ def test_sd2_needs_a_prediction_hint_or_says_it_assumes_epsilon(tmp_path):
     v = load_checkpoint(path, prediction_type="v_prediction")
     assert v.spec.diffusion.prediction_type == "v_prediction"
     assert v.spec.diffusion.latent_size == 96 and v.spec.unet.upcast_attention
-    _assert_same(v.params, params)
+    assert_same_params(v.params, params)
 
 
 def test_sd_inpainting_has_nine_input_channels_and_hybrid_conditioning(tmp_path):
     spec = dataclasses.replace(SD1, unet=dataclasses.replace(SD1.unet, in_channels=9))
     scale = {"scale_factor": np.array(0.25, np.float32)}  # a scale_by_std buffer
     state_dict = _compvis_state_dict(spec, random_params(spec), extra=scale)
-    loaded = load_checkpoint(_write(tmp_path / "inpaint.ckpt", state_dict))
+    loaded = load_checkpoint(write_state_dict(tmp_path / "inpaint.ckpt", state_dict))
     assert loaded.spec.unet.in_channels == 9
     assert loaded.spec.diffusion.conditioning_key == "hybrid"
     assert loaded.spec.diffusion.scale_factor == 0.25
@@ -256,7 +243,7 @@ def _sd2_v_yaml(num_res_blocks=1):
 
 def test_yaml_config_settles_v_prediction(tmp_path):
     params = random_params(SD2)
-    path = _write(tmp_path / "v.ckpt", _compvis_state_dict(SD2, params))
+    path = write_state_dict(tmp_path / "v.ckpt", _compvis_state_dict(SD2, params))
     config = _write_yaml(tmp_path / "v2-inference-v.yaml", _sd2_v_yaml())
     loaded = load_checkpoint(path, config=config)
     expected = dataclasses.replace(
@@ -265,11 +252,13 @@ def test_yaml_config_settles_v_prediction(tmp_path):
         diffusion=DiffusionSpec(prediction_type="v_prediction", latent_size=96),
     )
     assert loaded.spec == expected
-    _assert_same(loaded.params, params)
+    assert_same_params(loaded.params, params)
 
 
 def test_checkpoint_that_does_not_fit_the_yaml_lists_the_keys(tmp_path):
-    path = _write(tmp_path / "v.safetensors", _compvis_state_dict(SD2, random_params(SD2)))
+    path = write_state_dict(
+        tmp_path / "v.safetensors", _compvis_state_dict(SD2, random_params(SD2))
+    )
     config = _write_yaml(tmp_path / "wrong.yaml", _sd2_v_yaml(num_res_blocks=2))
     with pytest.raises(
         CheckpointMismatchError,
@@ -339,12 +328,12 @@ CLASS_YAML = {
 
 def test_ldm_zoo_model_needs_its_yaml(tmp_path):
     params = random_params(CLASS_LDM)
-    path = _write(tmp_path / "model.ckpt", _compvis_state_dict(CLASS_LDM, params))
+    path = write_state_dict(tmp_path / "model.ckpt", _compvis_state_dict(CLASS_LDM, params))
     with pytest.raises(ArchitectureError, match="model.ckpt: .*pass the model's original yaml"):
         load_checkpoint(path)
     loaded = load_checkpoint(path, config=CLASS_YAML)  # a parsed mapping works too
     assert loaded.spec == CLASS_LDM and loaded.tokenizer is None
-    _assert_same(loaded.params, params)
+    assert_same_params(loaded.params, params)
     bad = yaml.safe_load(yaml.safe_dump(CLASS_YAML))
     bad["model"]["params"]["unet_config"]["params"]["use_new_attention_order"] = True
     with pytest.raises(ArchitectureError, match="use_new_attention_order=True is not supported"):
@@ -392,52 +381,29 @@ def test_ldm_inpainting_yaml_concat_with_first_stage_conditioning(tmp_path):
     for name in ("use_spatial_transformer", "transformer_depth", "context_dim"):
         del model["unet_config"]["params"][name]
     model["first_stage_config"]["params"]["ddconfig"]["attn_type"] = "none"
-    loaded = load_checkpoint(_write(tmp_path / "inpaint.safetensors", state_dict), config=config)
+    loaded = load_checkpoint(
+        write_state_dict(tmp_path / "inpaint.safetensors", state_dict), config=config
+    )
     assert loaded.spec == spec
-    _assert_same(loaded.params, params)
+    assert_same_params(loaded.params, params)
 
 
 def test_ema_weights_on_request(tmp_path):
     params, ema = random_params(SD1, seed=0), random_params(SD1, seed=1)
-    path = _write(tmp_path / "full.ckpt", _compvis_state_dict(SD1, params, ema=ema))
-    _assert_same(load_checkpoint(path).params, params)
+    path = write_state_dict(tmp_path / "full.ckpt", _compvis_state_dict(SD1, params, ema=ema))
+    assert_same_params(load_checkpoint(path).params, params)
     with_ema = load_checkpoint(path, use_ema=True).params
-    _assert_same(with_ema["unet"], ema["unet"])
-    _assert_same(with_ema["first_stage"], params["first_stage"])
-    pruned = _write(tmp_path / "pruned.safetensors", _compvis_state_dict(SD1, params))
+    assert_same_params(with_ema["unet"], ema["unet"])
+    assert_same_params(with_ema["first_stage"], params["first_stage"])
+    pruned = write_state_dict(tmp_path / "pruned.safetensors", _compvis_state_dict(SD1, params))
     with pytest.raises(CheckpointMismatchError, match="pruned.safetensors has no EMA weights"):
         load_checkpoint(pruned, use_ema=True)
 
 
-FIRST_STAGES = {
-    "kl": AutoencoderConfig(
-        ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, embed_dim=4, attn_resolutions=(128,)
-    ),
-    "vq-noattn": VQConfig(
-        ch=32,
-        ch_mult=(1, 2, 2),
-        num_res_blocks=2,
-        z_channels=3,
-        embed_dim=3,
-        n_embed=16,
-        mid_attention=False,
-    ),
-}
-
-
-@pytest.mark.parametrize("name", FIRST_STAGES)
-def test_standalone_first_stage_with_training_loss(tmp_path, name):
-    spec = ModelSpec(first_stage=FIRST_STAGES[name])
-    params = random_params(spec)
-    loss = {"loss.logvar": np.zeros((), np.float32), "loss.discriminator.main.0.weight": np.ones(3)}
-    state_dict = compvis_checkpoint_table(spec).to_torch(params) | loss
-    loaded = load_checkpoint(_write(tmp_path / "model.ckpt", state_dict))
-    assert loaded.spec == spec and loaded.tokenizer is None
-    _assert_same(loaded.params, params)
-
-
 def test_bad_files_are_one_clear_error(tmp_path):
-    path = _write(tmp_path / "sd1.safetensors", _compvis_state_dict(SD1, random_params(SD1)))
+    path = write_state_dict(
+        tmp_path / "sd1.safetensors", _compvis_state_dict(SD1, random_params(SD1))
+    )
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 1000])
     with pytest.raises(CheckpointFileError, match="sd1.safetensors is not a readable"):
@@ -446,9 +412,11 @@ def test_bad_files_are_one_clear_error(tmp_path):
     other.write_bytes(data)
     with pytest.raises(CheckpointFileError, match=r"unknown checkpoint file type '\.npz'"):
         load_checkpoint(other)
-    foreign = _write(tmp_path / "resnet.safetensors", {"fc.weight": np.ones((2, 2), np.float32)})
+    foreign = write_state_dict(
+        tmp_path / "resnet.safetensors", {"fc.weight": np.ones((2, 2), np.float32)}
+    )
     with pytest.raises(ArchitectureError, match="not a CompVis latent-diffusion or first-stage"):
         load_checkpoint(foreign)
     unexpected = _compvis_state_dict(SD1, random_params(SD1)) | {"model.extra": np.ones(1)}
     with pytest.raises(CheckpointMismatchError, match="detected from its keys.*model.extra"):
-        load_checkpoint(_write(tmp_path / "extra.safetensors", unexpected))
+        load_checkpoint(write_state_dict(tmp_path / "extra.safetensors", unexpected))
