@@ -11,98 +11,21 @@ import safetensors.numpy
 import torch
 import yaml
 from checkpoint_files import assert_same_params, write_state_dict
+from compvis_family_specs import CLASS_LDM, SD1, SD2, VAE, compvis_state_dict
 from diffusers.loaders import single_file_utils as diffusers_single_file
 from tiny_specs import random_params
 
-from ldm_jax.checkpoints.compvis import compvis_checkpoint_table, ema_key
+from ldm_jax.checkpoints.compvis import compvis_checkpoint_table
 from ldm_jax.checkpoints.detect import ArchitectureError
 from ldm_jax.checkpoints.diffusers_autoencoder import autoencoder_kl_table, diffusers_config
 from ldm_jax.checkpoints.diffusers_unet import diffusers_unet_config, diffusers_unet_table
 from ldm_jax.checkpoints.files import CheckpointFileError
 from ldm_jax.checkpoints.key_table import CheckpointMismatchError
 from ldm_jax.checkpoints.load import load_checkpoint
-from ldm_jax.checkpoints.spec import CondStageSpec, DiffusionSpec, ModelSpec
+from ldm_jax.checkpoints.spec import DiffusionSpec, ModelSpec
 from ldm_jax.checkpoints.transformers_clip import clip_text_to_torch
-from ldm_jax.models.autoencoder import AutoencoderConfig
-from ldm_jax.models.clip_text import CLIPTextConfig
-from ldm_jax.models.conditioning import ClassEmbedderConfig
 from ldm_jax.models.unet import UNetConfig
-from ldm_jax.models.vq import VQConfig
 from ldm_jax.tokenizers import CLIPTokenizer
-
-# Tiny members of each family, obeying the family rules detection relies on (SD 1.x: 8 UNet
-# heads; SD 2.x: 64-channel heads; text towers: 64-wide heads; first stages at resolution 256).
-VAE = AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, embed_dim=4)
-SD1 = ModelSpec(
-    first_stage=VAE,
-    unet=UNetConfig(
-        model_channels=32,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        attention_resolutions=(1,),
-        num_heads=8,
-        legacy=False,
-        use_spatial_transformer=True,
-        context_dim=64,
-    ),
-    cond_stage=CondStageSpec(
-        "clip", CLIPTextConfig(width=64, num_layers=2, num_heads=1, mlp_dim=128)
-    ),
-)
-SD2 = ModelSpec(
-    first_stage=VAE,
-    unet=UNetConfig(
-        model_channels=64,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        attention_resolutions=(2, 1),
-        num_head_channels=64,
-        legacy=False,
-        use_spatial_transformer=True,
-        use_linear_in_transformer=True,
-        context_dim=64,
-    ),
-    cond_stage=CondStageSpec(
-        "openclip",
-        CLIPTextConfig(
-            width=64, num_layers=3, num_heads=1, mlp_dim=128, activation="gelu", skip_last_layers=1
-        ),
-    ),
-)
-CLASS_LDM = ModelSpec(
-    first_stage=VQConfig(
-        ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=3, embed_dim=3, n_embed=16
-    ),
-    unet=UNetConfig(
-        in_channels=3,
-        out_channels=3,
-        model_channels=32,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        attention_resolutions=(2, 1),
-        num_heads=1,
-        use_spatial_transformer=True,
-        context_dim=16,
-    ),
-    cond_stage=CondStageSpec("class", ClassEmbedderConfig(11, 16, null_class=10), trainable=True),
-    diffusion=DiffusionSpec(
-        linear_start=0.0015, linear_end=0.0195, scale_factor=1.0, latent_size=8
-    ),
-)
-BUFFERS = {
-    "betas": np.linspace(1e-4, 2e-2, 1000, dtype=np.float32),
-    "alphas_cumprod": np.linspace(1, 0, 1000, dtype=np.float32),
-    "model_ema.decay": np.array(0.9999, np.float32),
-    "model_ema.num_updates": np.array(10, np.int32),
-}
-
-
-def _compvis_state_dict(spec, params, *, ema=None, extra=()):
-    state_dict = compvis_checkpoint_table(spec).to_torch(params) | BUFFERS | dict(extra)
-    if ema is not None:
-        unet = compvis_checkpoint_table(spec).to_torch(ema)
-        state_dict |= {ema_key(k): v for k, v in unet.items() if k.startswith("model.diff")}
-    return state_dict
 
 
 def _write_yaml(path, spec_yaml):
@@ -117,7 +40,7 @@ def test_sd1_is_detected_from_keys_and_loads_exactly(tmp_path, suffix):
         "cond_stage_model.transformer.text_model.embeddings.position_ids": np.arange(77)[None]
     }
     path = write_state_dict(
-        tmp_path / f"sd1{suffix}", _compvis_state_dict(SD1, params, extra=position_ids)
+        tmp_path / f"sd1{suffix}", compvis_state_dict(SD1, params, extra=position_ids)
     )
     checkpoint = load_checkpoint(path)
     assert checkpoint.spec == SD1
@@ -132,7 +55,7 @@ def test_the_file_is_what_diffusers_converters_read(tmp_path):
     """Independent check of the layout loaded above: diffusers' own CompVis -> diffusers
     converters turn the file into exactly the state dicts our diffusers tables give."""
     params = random_params(SD1)
-    path = write_state_dict(tmp_path / "sd1.safetensors", _compvis_state_dict(SD1, params))
+    path = write_state_dict(tmp_path / "sd1.safetensors", compvis_state_dict(SD1, params))
     file = {k: torch.from_numpy(v) for k, v in safetensors.numpy.load_file(str(path)).items()}
     loaded = load_checkpoint(path).params
     _, unet_kwargs = diffusers_unet_config(SD1.unet)
@@ -158,7 +81,7 @@ def test_the_file_is_what_diffusers_converters_read(tmp_path):
 
 def test_sd2_needs_a_prediction_hint_or_says_it_assumes_epsilon(tmp_path):
     params = random_params(SD2)
-    path = write_state_dict(tmp_path / "v2-1_768.safetensors", _compvis_state_dict(SD2, params))
+    path = write_state_dict(tmp_path / "v2-1_768.safetensors", compvis_state_dict(SD2, params))
     with pytest.warns(UserWarning, match="Stable Diffusion 2.x.*Assuming epsilon"):
         base = load_checkpoint(path)
     assert base.spec == SD2
@@ -172,7 +95,7 @@ def test_sd2_needs_a_prediction_hint_or_says_it_assumes_epsilon(tmp_path):
 def test_sd_inpainting_has_nine_input_channels_and_hybrid_conditioning(tmp_path):
     spec = dataclasses.replace(SD1, unet=dataclasses.replace(SD1.unet, in_channels=9))
     scale = {"scale_factor": np.array(0.25, np.float32)}  # a scale_by_std buffer
-    state_dict = _compvis_state_dict(spec, random_params(spec), extra=scale)
+    state_dict = compvis_state_dict(spec, random_params(spec), extra=scale)
     loaded = load_checkpoint(write_state_dict(tmp_path / "inpaint.ckpt", state_dict))
     assert loaded.spec.unet.in_channels == 9
     assert loaded.spec.diffusion.conditioning_key == "hybrid"
@@ -243,7 +166,7 @@ def _sd2_v_yaml(num_res_blocks=1):
 
 def test_yaml_config_settles_v_prediction(tmp_path):
     params = random_params(SD2)
-    path = write_state_dict(tmp_path / "v.ckpt", _compvis_state_dict(SD2, params))
+    path = write_state_dict(tmp_path / "v.ckpt", compvis_state_dict(SD2, params))
     config = _write_yaml(tmp_path / "v2-inference-v.yaml", _sd2_v_yaml())
     loaded = load_checkpoint(path, config=config)
     expected = dataclasses.replace(
@@ -256,9 +179,7 @@ def test_yaml_config_settles_v_prediction(tmp_path):
 
 
 def test_checkpoint_that_does_not_fit_the_yaml_lists_the_keys(tmp_path):
-    path = write_state_dict(
-        tmp_path / "v.safetensors", _compvis_state_dict(SD2, random_params(SD2))
-    )
+    path = write_state_dict(tmp_path / "v.safetensors", compvis_state_dict(SD2, random_params(SD2)))
     config = _write_yaml(tmp_path / "wrong.yaml", _sd2_v_yaml(num_res_blocks=2))
     with pytest.raises(
         CheckpointMismatchError,
@@ -328,7 +249,7 @@ CLASS_YAML = {
 
 def test_ldm_zoo_model_needs_its_yaml(tmp_path):
     params = random_params(CLASS_LDM)
-    path = write_state_dict(tmp_path / "model.ckpt", _compvis_state_dict(CLASS_LDM, params))
+    path = write_state_dict(tmp_path / "model.ckpt", compvis_state_dict(CLASS_LDM, params))
     with pytest.raises(ArchitectureError, match="model.ckpt: .*pass the model's original yaml"):
         load_checkpoint(path)
     loaded = load_checkpoint(path, config=CLASS_YAML)  # a parsed mapping works too
@@ -390,19 +311,19 @@ def test_ldm_inpainting_yaml_concat_with_first_stage_conditioning(tmp_path):
 
 def test_ema_weights_on_request(tmp_path):
     params, ema = random_params(SD1, seed=0), random_params(SD1, seed=1)
-    path = write_state_dict(tmp_path / "full.ckpt", _compvis_state_dict(SD1, params, ema=ema))
+    path = write_state_dict(tmp_path / "full.ckpt", compvis_state_dict(SD1, params, ema=ema))
     assert_same_params(load_checkpoint(path).params, params)
     with_ema = load_checkpoint(path, use_ema=True).params
     assert_same_params(with_ema["unet"], ema["unet"])
     assert_same_params(with_ema["first_stage"], params["first_stage"])
-    pruned = write_state_dict(tmp_path / "pruned.safetensors", _compvis_state_dict(SD1, params))
+    pruned = write_state_dict(tmp_path / "pruned.safetensors", compvis_state_dict(SD1, params))
     with pytest.raises(CheckpointMismatchError, match="pruned.safetensors has no EMA weights"):
         load_checkpoint(pruned, use_ema=True)
 
 
 def test_bad_files_are_one_clear_error(tmp_path):
     path = write_state_dict(
-        tmp_path / "sd1.safetensors", _compvis_state_dict(SD1, random_params(SD1))
+        tmp_path / "sd1.safetensors", compvis_state_dict(SD1, random_params(SD1))
     )
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 1000])
@@ -417,6 +338,6 @@ def test_bad_files_are_one_clear_error(tmp_path):
     )
     with pytest.raises(ArchitectureError, match="not a CompVis latent-diffusion or first-stage"):
         load_checkpoint(foreign)
-    unexpected = _compvis_state_dict(SD1, random_params(SD1)) | {"model.extra": np.ones(1)}
+    unexpected = compvis_state_dict(SD1, random_params(SD1)) | {"model.extra": np.ones(1)}
     with pytest.raises(CheckpointMismatchError, match="detected from its keys.*model.extra"):
         load_checkpoint(write_state_dict(tmp_path / "extra.safetensors", unexpected))
