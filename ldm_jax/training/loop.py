@@ -1,0 +1,246 @@
+"""The generic training loop: `run(config, workdir, task)` for every trainer.
+
+A task owns the model side; the loop owns everything around it:
+
+    task.global_batch_size          int, for samples/s
+    task.init_state(rng)            the sharded step-0 state
+    task.train_step                 jitted (state, batch, rng) -> (state, metrics), state donated;
+                                    metrics holds scalar "loss" (and e.g. grad_norm, learning_rate)
+    task.make_iterator()            global batches; get_state() / set_state(s) with JSON-able s
+    task.sample(state, rng)         optional: a uint8 [H, W, 3] grid (EMA params) or None
+
+The loop resumes from the newest checkpoint in `workdir/checkpoints`, folds the step number into
+the seed for each step's rng (so a resumed run draws the same noise), logs every `log_every` steps,
+checkpoints every `checkpoint_every` steps and at the end, stops cleanly on SIGTERM (finish the
+step, save, return), and stops on a NaN/Inf loss without saving that state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from ldm_jax.training import metrics as metrics_lib
+from ldm_jax.training.checkpointing import Checkpointer
+
+
+class SetupError(ValueError):
+    """Bad input found while building the state or the data iterator (e.g. a missing dataset)."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or Inf; the state of that step was not saved."""
+
+
+@dataclasses.dataclass
+class RunResult:
+    step: int  # steps completed (= the last checkpoint's step unless the run stopped on NaN)
+    preempted: bool
+    metrics: dict
+
+
+class _StopSignal:
+    """Records SIGTERM so the loop can finish the current step, save and return."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no preemption handling
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def any_process(self) -> bool:
+        """True on every process once any process got SIGTERM (hosts must stop at the same step)."""
+        if jax.process_count() == 1:
+            return self.received
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        flags = multihost_utils.process_allgather(np.array([self.received], np.int32))
+        return bool(np.asarray(flags).any())
+
+
+def save_config(config, workdir: Path) -> Path:
+    """workdir/config.json, written atomically by process 0."""
+    path = workdir / "config.json"
+    if jax.process_index() == 0:
+        temporary = path.with_name(f".{path.name}.tmp")
+        temporary.write_text(config_to_json(config), encoding="utf-8")
+        temporary.replace(path)
+    return path
+
+
+def config_to_json(config) -> str:
+    if hasattr(config, "to_json_best_effort"):
+        return config.to_json_best_effort(indent=2, sort_keys=True)
+    return json.dumps(config, indent=2, sort_keys=True, default=str)
+
+
+def _compile(train_step, state, batch, rng):
+    """(callable, FLOPs per device per step): ahead-of-time compile once, reused for every step."""
+    if not hasattr(train_step, "lower"):
+        return train_step, None
+    compiled = train_step.lower(state, batch, rng).compile()
+    return compiled, metrics_lib.compiled_flops(compiled)
+
+
+def _host_metrics(metrics) -> dict:
+    return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+
+
+def _check_finite(step: int, metrics: dict) -> None:
+    bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+    if bad:
+        names = ", ".join(f"{k}={v}" for k, v in bad.items())
+        raise NonFiniteLossError(
+            f"non-finite training metrics at step {step} ({names}); stopping without saving this "
+            "state. The last checkpoint is from before it; lower optimizer.learning_rate, "
+            "set optimizer.grad_clip, or check the data"
+        )
+
+
+def run(config, workdir, task, *, stream=None) -> RunResult:
+    """Train `task` for config.train.num_steps steps in `workdir`, resuming from its checkpoints."""
+    train = config.train
+    workdir = Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    save_config(config, workdir)
+    main = jax.process_index() == 0
+    writer = metrics_lib.MetricWriter(workdir, enabled=main, stream=stream)
+    checkpointer = Checkpointer(
+        workdir / "checkpoints", keep=int(train.get("keep_checkpoints", 3)),
+        async_save=bool(train.get("async_checkpointing", True)),
+    )
+    debug = train.get("debug", {}) or {}
+    rng = jax.random.key(int(config.seed))
+    init_rng, step_rng, sample_rng = jax.random.split(rng, 3)
+    num_steps = int(train.num_steps)
+    config_json = json.loads(config_to_json(config))
+
+    try:
+        state = task.init_state(init_rng)
+        batches = task.make_iterator()
+    except (ValueError, FileNotFoundError, NotADirectoryError) as error:
+        checkpointer.close()
+        writer.close()
+        raise SetupError(str(error)) from error
+    start = 0
+    restored = checkpointer.restore_latest(state)
+    if restored is not None:
+        start, state, data_state, _ = restored
+        batches.set_state(data_state)
+        writer.write_text(f"resumed from {checkpointer.directory / str(start)} (step {start})")
+
+    peak = metrics_lib.peak_flops_per_device(
+        jax.devices()[0].device_kind, float(train.get("peak_flops_per_device", 0.0))
+    )
+    if peak is None:
+        writer.write_text(f"MFU: unknown peak FLOP/s for device {jax.devices()[0].device_kind!r} "
+                          "(set train.peak_flops_per_device)")
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    bar = tqdm(total=num_steps, initial=start, unit="step", file=sys.stderr,
+               disable=not main or not train.get("progress_bar", True))
+    step_fn, flops = None, None
+    pending = None  # (step number after it, metrics on device): resolved one step late
+    last = {}
+    step = start
+    log_every = max(1, int(train.get("log_every", 1)))
+    checkpoint_every = int(train.get("checkpoint_every", 0))
+    sample_every = int(train.get("sample_every", 0))
+    window_start, window_steps = None, 0
+
+    def resolve():
+        nonlocal pending, last, window_start, window_steps
+        if pending is None:
+            return
+        done, device_metrics = pending
+        pending = None
+        last = _host_metrics(device_metrics)
+        _check_finite(done, last)
+        window_steps += 1
+        if done % log_every == 0 or done == num_steps:
+            now = time.perf_counter()
+            extra = {}
+            if window_start is not None and window_steps > 0 and now > window_start:
+                steps_per_second = window_steps / (now - window_start)
+                extra["samples_per_second"] = steps_per_second * task.global_batch_size
+                extra["steps_per_second"] = steps_per_second
+                extra["mfu"] = metrics_lib.mfu(flops, steps_per_second, peak)
+            writer.write_scalars(done, {**last, **extra})
+            window_start, window_steps = now, 0
+
+    try:
+        with _StopSignal() as stop:
+            preempted = False
+            while step < num_steps:
+                batch = next(batches)
+                rng_i = jax.random.fold_in(step_rng, step)
+                if step_fn is None:
+                    step_fn, flops = _compile(task.train_step, state, batch, rng_i)
+                    if flops is not None:
+                        writer.write_text(f"train step: {flops:.4g} FLOPs per device")
+                state, device_metrics = step_fn(state, batch, rng_i)
+                resolve()  # the previous step's metrics, while this one runs
+                if window_start is None:  # time from the end of the first (compiling) step
+                    jax.block_until_ready(device_metrics)
+                    window_start, window_steps = time.perf_counter(), -1
+                pending = (step + 1, device_metrics)
+                step += 1
+                bar.update(1)
+                _debug_hooks(debug, step, checkpointer)
+                preempted = stop.any_process()
+                if preempted or step == num_steps or (
+                    checkpoint_every and step % checkpoint_every == 0
+                ):
+                    resolve()  # never save a non-finite state
+                    checkpointer.save(step, state, batches.get_state(), config_json)
+                if sample_every and step % sample_every == 0 and hasattr(task, "sample"):
+                    grid = task.sample(state, jax.random.fold_in(sample_rng, step))
+                    if grid is not None:
+                        path = writer.write_image(step, "samples", np.asarray(grid))
+                        if path is not None:
+                            writer.write_text(f"step {step}: sample grid {path}")
+                if preempted:
+                    writer.write_text(f"SIGTERM: saved step {step}, exiting")
+                    break
+            resolve()
+        checkpointer.wait()
+        return RunResult(step=step, preempted=preempted, metrics=last)
+    finally:
+        bar.close()
+        checkpointer.close()
+        writer.close()
+
+
+def _debug_hooks(debug, step: int, checkpointer: Checkpointer) -> None:
+    """Fault injection for the tests: a real SIGKILL / SIGTERM to this process after `step`.
+
+    Before the SIGKILL the in-flight async saves are awaited, so which checkpoint survives is
+    deterministic; nothing else gets a chance to run (no final save, no clean-up).
+    """
+    if int(debug.get("kill_at_step", -1)) == step:
+        checkpointer.wait()
+        sys.stdout.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    if int(debug.get("sigterm_at_step", -1)) == step:
+        os.kill(os.getpid(), signal.SIGTERM)
