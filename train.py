@@ -38,8 +38,9 @@ def main(argv: list[str]) -> int:
         return _error(str(error), EXIT_BAD_INPUT)
 
     values = flags.FlagValues()
-    config_flag = config_flags.DEFINE_config_file("config", flag_values=values,
-                                                  help_string="experiment config file")
+    config_flag = config_flags.DEFINE_config_file(
+        "config", flag_values=values, help_string="experiment config file", sys_argv=argv
+    )
     workdir_flag = flags.DEFINE_string("workdir", None, "run folder (resumes if it has "
                                        "checkpoints)", flag_values=values)
     try:
