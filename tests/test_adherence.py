@@ -45,6 +45,21 @@ def _blur(images, sigma):
     return ndimage.gaussian_filter(images.astype(np.float64) / 255, (0, sigma, sigma, 0))
 
 
+def _hue_shift(images, degrees):
+    """Rotate every colour about the grey axis (a hue shift that keeps white white)."""
+    axis = np.ones(3) / np.sqrt(3)
+    cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    angle = np.deg2rad(degrees)
+    rotation = np.eye(3) + np.sin(angle) * cross + (1 - np.cos(angle)) * cross @ cross
+    return np.clip(images / 255.0 @ rotation.T, 0.0, 1.0)
+
+
+def _desaturate(images, factor):
+    x = images / 255.0
+    grey = x.mean(-1, keepdims=True)
+    return grey + factor * (x - grey)
+
+
 def _noise(images, std, seed=0):
     noisy = images + np.random.default_rng(seed).normal(0.0, std, images.shape)
     return np.clip(noisy, 0.0, 1.0)
@@ -68,10 +83,14 @@ def test_ground_truth_scores_at_least_99_percent(size, split32):
         lambda x: _blur(x, 1.5),
         lambda x: _noise(x / 255.0, 0.1),
         lambda x: _noise(_blur(x, 1.0), 0.08),
+        lambda x: _hue_shift(x, 15),
+        lambda x: _hue_shift(x, -15),
+        lambda x: _desaturate(x, 0.5),
+        lambda x: 0.1 + 0.8 * x / 255.0,  # grey background, duller colours
     ],
-    ids=["blur1", "blur1.5", "noise0.1", "blur1+noise0.08"],
+    ids=["blur1", "blur1.5", "noise0.1", "blur1+noise0.08", "hue+15", "hue-15", "sat0.5", "grey"],
 )
-def test_blurred_and_noisy_ground_truth_is_still_read(corrupt, split32):
+def test_blurred_noisy_and_recoloured_ground_truth_is_still_read(corrupt, split32):
     images, scenes, _ = split32
     report = score(corrupt(images), scenes)
     for metric in CHECKED:

@@ -102,6 +102,14 @@ def test_vocabulary_is_covered():
     assert all(s.objects[0].color != s.objects[1].color for s in scenes if len(s.objects) == 2)
 
 
+def test_sample_prompts_cover_the_vocabulary():
+    scenes = [parse_caption(p) for p in shapes.SAMPLE_PROMPTS]
+    objects = [o for s in scenes for o in s.objects]
+    assert {o.shape for o in objects} == set(SHAPES) and {o.color for o in objects} == set(COLORS)
+    assert {s.relation for s in scenes} - {None} == set(RELATIONS)
+    assert {s.objects[0].size for s in scenes if s.relation is None} == set(SIZES)
+
+
 def test_scenes_do_not_depend_on_image_size():
     small = ShapesSource(ShapesConfig(image_size=32), "test")
     large = ShapesSource(ShapesConfig(image_size=64), "test")

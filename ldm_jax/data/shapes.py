@@ -40,6 +40,17 @@ SIZES = ("small", "large")  # single-shape captions only; two-shape scenes use o
 RELATIONS = ("above", "below", "left of", "right of")  # objects[0] <relation> objects[1]
 SPLITS = ("train", "test")
 BACKGROUND = (255, 255, 255)
+# a fixed prompt set for sample grids: every shape, colour, relation and size at least once
+SAMPLE_PROMPTS = (
+    "a red circle above a blue square",
+    "a green triangle left of a yellow circle",
+    "a small blue square",
+    "a large yellow triangle",
+    "a blue triangle below a red square",
+    "a yellow square right of a green circle",
+    "a large green circle",
+    "a small red triangle",
+)
 MEDIUM = "medium"
 
 # Layout, as fractions of the image side: bounding-box widths of each size, the border margin,
