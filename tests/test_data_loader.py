@@ -238,3 +238,11 @@ def test_state_from_another_pipeline_is_refused(data_dir, tokenizer):
     other = make_train_dataset(colours_config(data_dir), tokenizer, 4, 0)
     with pytest.raises(DataError, match="global_batch_size: saved 2, now 4"):
         other.set_state(state)
+
+
+def test_data_dir_from_home_or_tfds_data_dir(data_dir, tokenizer, monkeypatch):
+    monkeypatch.setenv("HOME", str(data_dir.parent))
+    batch = next(make_train_dataset(colours_config(f"~/{data_dir.name}"), tokenizer, 2, 0))
+    assert batch["image"].shape == (2, 8, 8, 3)
+    monkeypatch.setenv("TFDS_DATA_DIR", str(data_dir))  # data_dir "" = TFDS's default
+    assert next(make_train_dataset(colours_config(""), tokenizer, 2, 0))["tokens"].shape == (2, 8)

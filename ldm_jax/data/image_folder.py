@@ -88,7 +88,7 @@ def _metadata_captions(path: Path) -> dict[str, str]:
 def find_examples(src_dir: str | Path) -> list[FolderExample]:
     """The (image, caption) pairs of a folder, sorted by file name; DataError if the folder is
     missing or empty, or any image lacks a caption."""
-    folder = Path(src_dir)
+    folder = Path(src_dir).expanduser()
     if not folder.is_dir():
         raise DataError(f"image folder {folder} does not exist (or is not a folder)")
     images = _image_files(folder)
@@ -209,11 +209,11 @@ def build_image_folder_dataset(
             f"dataset name {name!r} is not allowed; use lowercase letters, digits and '_', "
             "starting with a letter (a TFDS name)"
         )
-    src_dir = Path(src_dir).resolve()
+    src_dir = Path(src_dir).expanduser().resolve()
     examples = find_examples(src_dir)
     for example in examples:  # fail on a bad image before anything is written
         encoded_image(src_dir / example.file_name)
-    destination = Path(data_dir) / name / VERSION
+    destination = Path(data_dir).expanduser() / name / VERSION
     if destination.exists() and not overwrite:
         raise DataError(
             f"dataset {destination} already exists; pass --overwrite (overwrite=True) to rebuild "

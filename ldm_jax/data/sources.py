@@ -65,7 +65,7 @@ def tfds_source(name: str, split: str, data_dir: str | None) -> Sequence:
     """The split of a prepared array_record TFDS dataset, as a random-access source."""
     if not name:
         raise DataError("data.name is empty; name the TFDS dataset to read (e.g. 'my_images')")
-    data_dir = data_dir or default_data_dir()
+    data_dir = os.path.expanduser(data_dir or default_data_dir())
     if not Path(data_dir).is_dir():
         raise DataError(f"data_dir {data_dir} does not exist; set data.data_dir to the TFDS folder")
     import tensorflow_datasets as tfds  # noqa: PLC0415 - slow import, only when reading TFDS
@@ -97,6 +97,7 @@ def folder_source(folder: str, name: str, split: str, data_dir: str, process_cou
     if not data_dir:
         raise DataError("data.data_dir is empty; set where the folder's TFDS dataset is written")
     name = name or "image_folder"
+    data_dir, folder = os.path.expanduser(data_dir), os.path.expanduser(folder)
     if not (Path(data_dir) / name / image_folder.VERSION).is_dir():
         if not folder:
             raise DataError("data.folder is empty; set it to the folder of captioned images")
