@@ -21,6 +21,8 @@ Metrics, each over the caption items it applies to:
 - shape: per caption object, found and of the right shape;
 - position: per two-object caption, both found and the relation of their centroids (the axis of the
   larger offset, then its sign) is the caption's;
+- relation: the same, over only the two-object captions whose two colours were both found (is the
+  layout right when the objects are there? chance is 1/4);
 - size: per one-object caption, found and of the right size;
 - count: per image, the number of objects found equals the caption's;
 - all: per image, every applicable check above passed.
@@ -36,7 +38,7 @@ from scipy import ndimage
 
 from ldm_jax.data.shapes import COLORS, Scene, parse_caption
 
-METRICS = ("color", "shape", "position", "size", "count", "all")
+METRICS = ("color", "shape", "position", "relation", "size", "count", "all")
 TARGETS = {"color": 0.80, "shape": 0.70, "position": 0.60}  # the default run's goals (issue 7)
 CHROMA_MIN = 0.2  # foreground: max(RGB) - min(RGB) above this ([0, 1] scale); white/grey are 0
 MAX_HUE_DISTANCE = 40.0  # degrees; a pixel further from every palette hue is no colour's
@@ -201,13 +203,17 @@ def check_scene_against(objects: Sequence[DetectedObject], scene: Scene) -> dict
             for m, o in zip(matched, scene.objects, strict=True)
         ],
         "position": [],
+        "relation": [],
         "size": [],
         "count": [len(objects) == len(scene.objects)],
     }
     if scene.relation is not None:
         first, second = matched
-        ok = first is not None and second is not None
-        checks["position"].append(ok and relation_between(first, second) == scene.relation)
+        if first is None or second is None:
+            checks["position"].append(False)
+        else:
+            checks["relation"].append(relation_between(first, second) == scene.relation)
+            checks["position"].append(checks["relation"][0])
     else:
         checks["size"].append(matched[0] is not None and matched[0].size == scene.objects[0].size)
     checks["all"] = [all(all(v) for v in checks.values())]
