@@ -1,16 +1,20 @@
 """The adherence evaluator: exact on ground truth, robust to blur/noise, chance when wrong."""
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 from scipy import ndimage
+from tiny_specs import SD1_LIKE, random_params
 
+from ldm_jax.checkpoints.spec import DiffusionSpec, LatentDiffusionCheckpoint
 from ldm_jax.data.shapes import (
     Placement,
     Scene,
     ShapeObject,
     ShapesConfig,
+    ShapesSource,
     generate_scene,
     render,
 )
@@ -24,6 +28,7 @@ from ldm_jax.eval.adherence import (
     shape_features,
     summarize,
 )
+from ldm_jax.tokenizers import CLIPTokenizer
 
 N = 200
 CHECKED = ("color", "shape", "position", "relation", "size", "count")
@@ -237,11 +242,13 @@ def test_cli_bad_input_exits_2(argv, message, capsys):
 
 
 def test_cli_samples_test_prompts_and_reports(tmp_path, capsys):
-    pytest.importorskip("diffusers")
-    from tiny_pipelines import sd_pipeline  # noqa: PLC0415 - torch/diffusers only here
-
-    folder = tmp_path / "tiny-sd"
-    sd_pipeline().save_pretrained(folder)
+    """On a tiny random ldm_jax orbax checkpoint (VAE factor 2, 16x16 images)."""
+    spec = dataclasses.replace(SD1_LIKE, diffusion=DiffusionSpec(latent_size=8))
+    checkpoint = LatentDiffusionCheckpoint(
+        spec, random_params(spec), CLIPTokenizer.from_packaged_vocab()
+    )
+    folder = tmp_path / "tiny-orbax"
+    checkpoint.save_pretrained(folder, format="orbax")
     out_json, grid = tmp_path / "report.json", tmp_path / "grid.png"
     argv = ["--checkpoint", str(folder), "--n", "3", "--batch", "2", "--steps", "2"]
     argv += ["--json", str(out_json), "--grid", str(grid), "--no-progress"]
@@ -251,8 +258,6 @@ def test_cli_samples_test_prompts_and_reports(tmp_path, capsys):
         assert metric in table
     report = json.loads(out_json.read_text())
     assert report["counts"]["count"] == 3 and len(report["images"]) == 3
-    from ldm_jax.data.shapes import ShapesSource  # noqa: PLC0415
-
     assert [i["prompt"] for i in report["images"]] == ShapesSource(split="test").captions(3)
     for value in report["accuracy"].values():
         assert value is None or 0.0 <= value <= 1.0
