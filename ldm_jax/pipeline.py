@@ -1,4 +1,7 @@
-"""Text-to-image sampling: prompt -> text encoder -> guided sampler -> VAE decoder -> image.
+"""Latent diffusion sampling: conditioning -> guided sampler -> first-stage decoder -> image.
+
+Every task of pipeline_tasks.py (text-to-image, unconditional, class-conditional, image-to-image,
+SD and LDM inpainting, super-resolution) runs through the same call and the same jitted function.
 
 ```python
 from ldm_jax.pipeline import LatentDiffusionPipeline
@@ -6,6 +9,9 @@ from ldm_jax.pipeline import LatentDiffusionPipeline
 pipe = LatentDiffusionPipeline.from_pretrained("v1-5-pruned-emaonly.safetensors")
 images = pipe("a photo of a cat", num_inference_steps=50, guidance_scale=7.5, seed=0)  # uint8 NHWC
 LatentDiffusionPipeline.to_pil(images)[0].save("cat.png")
+pipe("a watercolour of a cat", image=images[0], strength=0.75)  # image-to-image
+# other checkpoints: pipe(batch_size=4) (unconditional), pipe(class_labels=[207, 360]) (cin256),
+# pipe("a bench", image=photo, mask_image=mask) (inpainting), pipe(low_res_image=small) (LDM SR)
 ```
 
 Performance: text encoding, the whole sampler loop (one ``lax.scan``) and the VAE decode run as ONE
@@ -39,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ldm_jax import pipeline_inputs, pipeline_tasks
 from ldm_jax.checkpoints import LatentDiffusionCheckpoint
 from ldm_jax.checkpoints.networks import network_modules
 from ldm_jax.diffusion import (
@@ -48,8 +55,9 @@ from ldm_jax.diffusion import (
     make_timesteps,
     strided_previous_timesteps,
 )
+from ldm_jax.pipeline_tasks import TEXT_CONDITIONINGS, model_task
 
-TEXT_CONDITIONINGS = ("clip", "openclip", "ldm_bert")
+__all__ = ["TEXT_CONDITIONINGS", "LatentDiffusionPipeline", "TimestepConfig", "sampler_iterations"]
 OUTPUTS = ("uint8", "float")
 # samplers whose previous timestep is diffusers' "t - T // N" (DDIMScheduler, PNDMScheduler)
 _STRIDED_SAMPLERS = ("ddim", "plms")
@@ -72,7 +80,7 @@ class TimestepConfig:
 
 
 class LatentDiffusionPipeline:
-    """Text-to-image sampling with a text-conditioned latent diffusion checkpoint."""
+    """Sampling with a latent diffusion checkpoint (any task of pipeline_tasks.py)."""
 
     def __init__(
         self,
@@ -83,21 +91,8 @@ class LatentDiffusionPipeline:
         compilation_cache_dir: str | os.PathLike | None = None,
     ):
         spec = checkpoint.spec
-        cond = spec.cond_stage
-        if spec.unet is None:
-            raise ValueError("the checkpoint has no UNet (first stage only): nothing to sample")
-        if cond is None or cond.kind not in TEXT_CONDITIONINGS:
-            kind = None if cond is None else cond.kind
-            raise NotImplementedError(
-                f"LatentDiffusionPipeline supports text conditioning {TEXT_CONDITIONINGS} only; "
-                f"this checkpoint's cond stage is {kind!r}"
-            )
-        if spec.diffusion.conditioning_key != "crossattn":
-            raise NotImplementedError(
-                "LatentDiffusionPipeline supports conditioning_key 'crossattn' only, got "
-                f"{spec.diffusion.conditioning_key!r}"
-            )
-        if checkpoint.tokenizer is None:
+        self.task = model_task(spec)
+        if self.task.conditioning == "text" and checkpoint.tokenizer is None:
             raise ValueError("the checkpoint has no tokenizer; pass tokenizer= when loading it")
         if compilation_cache_dir is not None:
             enable_compilation_cache(compilation_cache_dir)
@@ -107,7 +102,7 @@ class LatentDiffusionPipeline:
         modules = network_modules(spec, dtype)
         self.unet = modules["unet"][0]
         self.first_stage = modules["first_stage"][0]
-        self.cond_stage = modules["cond_stage"][0]
+        self.cond_stage = modules["cond_stage"][0] if "cond_stage" in modules else None
         diffusion = spec.diffusion
         self.schedule = make_schedule(
             diffusion.beta_schedule,
@@ -121,7 +116,7 @@ class LatentDiffusionPipeline:
         self._step_callback = None  # the current call's callback, read by _host_step
         self._generate = jax.jit(
             self._generate_fn,
-            static_argnames=("sampler", "eta", "guided", "output", "with_callback"),
+            static_argnames=("sampler", "eta", "guided", "output", "with_callback", "from_image"),
         )
 
     @classmethod
@@ -157,7 +152,7 @@ class LatentDiffusionPipeline:
 
     def __call__(
         self,
-        prompt: str | Sequence[str],
+        prompt: str | Sequence[str] | None = None,
         negative_prompt: str | Sequence[str] | None = None,
         height: int | None = None,
         width: int | None = None,
@@ -170,30 +165,35 @@ class LatentDiffusionPipeline:
         latents=None,
         output: str = "uint8",
         callback=None,
+        *,
+        batch_size: int | None = None,
+        class_labels=None,
+        image=None,
+        strength: float | None = None,
+        mask_image=None,
+        low_res_image=None,
     ) -> np.ndarray:
-        """Images for ``prompt``: uint8 [B, H, W, 3] (``output="float"``: float32 in [0, 1]).
+        """Images: uint8 [B, H, W, 3] (``output="float"``: float32 in [0, 1]).
 
-        ``negative_prompt`` (default "") is the unconditional half of classifier-free guidance,
-        used when ``guidance_scale > 1`` (as diffusers). ``latents`` [B, h, w, C] (NHWC; h = H /
-        vae factor) are the initial noise x_T, else drawn from ``rng`` or ``seed``; ``rng`` also
-        drives the stochastic samplers (DDPM, DDIM with eta > 0).
+        What to pass depends on the checkpoint (``self.task``, see pipeline_tasks.py): ``prompt``
+        (text models), ``class_labels`` (class models), ``batch_size`` (unconditional / LDM
+        inpainting / SR; default 1), ``image`` + ``mask_image`` (inpainting, white = repaint),
+        ``low_res_image`` (super-resolution: the output is the vae factor times larger), and
+        ``image`` + ``strength`` in (0, 1] for image-to-image (diffusers semantics: the image is
+        encoded, noised to the first of the last ``int(N * strength)`` timesteps, which are then
+        run). Images are PIL, uint8 or float [0, 1] arrays of exactly the output size (default:
+        the image's size); one image serves the whole batch.
+
+        Guidance applies to text (``negative_prompt``, default "") and class models (the null
+        class) when ``guidance_scale > 1``; unconditional, LDM inpainting and SR models ignore it.
+        ``latents`` [B, h, w, C] (NHWC; h = H / vae factor) are the initial noise x_T (for
+        image-to-image: the noise added to the image latents), else drawn from ``rng`` or
+        ``seed``; ``rng`` also drives the stochastic samplers (DDPM, DDIM with eta > 0).
 
         ``callback(i, x)`` (e.g. a progress bar) runs on the host after every sampler iteration
-        with the iteration index (int) and the latents (numpy); PLMS makes N + 1 iterations for
-        N >= 2 steps (``sampler_iterations``). Any callable reuses one compiled function.
+        with the iteration index (int) and the latents (numpy); see ``sampler_iterations``.
+        Any callable reuses one compiled function.
         """
-        prompts = _text_list(prompt, "prompt")
-        batch = len(prompts)
-        if negative_prompt is None:
-            negatives = [""] * batch
-        elif isinstance(negative_prompt, str):
-            negatives = [negative_prompt] * batch
-        else:
-            negatives = _text_list(negative_prompt, "negative_prompt")
-            if len(negatives) != batch:
-                raise ValueError(
-                    f"negative_prompt has {len(negatives)} entries but prompt has {batch}"
-                )
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
         if output not in OUTPUTS:
@@ -201,8 +201,17 @@ class LatentDiffusionPipeline:
         steps = int(num_inference_steps)
         if steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-        h, w = self._latent_size(height, width)
-        shape = (batch, h, w, self.spec.unet.in_channels)
+        inputs, guided = pipeline_inputs.condition_inputs(
+            self, prompt, negative_prompt, class_labels, batch_size, guidance_scale
+        )
+        batch = next(iter(inputs.values())).shape[0] if inputs else int(batch_size or 1)
+        if batch < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        h, w, image_inputs = pipeline_inputs.image_inputs(
+            self, batch, height, width, image, strength, mask_image, low_res_image
+        )
+        inputs |= image_inputs
+        shape = (batch, h, w, self.spec.unet.out_channels)
 
         rng = jax.random.PRNGKey(seed) if rng is None else rng
         noise_rng, sample_rng = jax.random.split(rng)
@@ -215,26 +224,21 @@ class LatentDiffusionPipeline:
                     f"latents must have shape {shape} (batch, height / {self.vae_scale_factor}, "
                     f"width / {self.vae_scale_factor}, channels; NHWC), got {latents.shape}"
                 )
-
-        cfg = self.timestep_config
-        T = self.schedule.num_train_timesteps
-        t_N = make_timesteps(steps, T, cfg.timestep_spacing, cfg.steps_offset)
-        prev_N = None
-        if sampler in _STRIDED_SAMPLERS:
-            prev_N = strided_previous_timesteps(t_N, T, final=-1 if cfg.set_alpha_to_one else 0)
-        guided = float(guidance_scale) > 1.0
+        inputs["noise"] = latents
+        t_N, prev_N = self._timesteps(sampler, steps)
+        from_image = strength is not None and self.task.takes_init_image
+        if strength is not None:  # img2img, or SD inpainting starting from the noised image
+            start = pipeline_inputs.strength_slice(steps, strength)
+            t_N, prev_N = t_N[start:], None if prev_N is None else prev_N[start:]
+            from_image = from_image or float(strength) < 1.0  # diffusers: 1 = pure noise
 
         data = self._batch_sharding(batch)
-        ids = jax.device_put(jnp.asarray(self.tokenizer(prompts), jnp.int32), data)
-        neg_ids = jax.device_put(jnp.asarray(self.tokenizer(negatives), jnp.int32), data)
-        latents = jax.device_put(latents, data)
+        inputs = jax.device_put(inputs, data)
         self._step_callback = callback
         try:
             images = self._generate(
                 self.params,
-                ids,
-                neg_ids,
-                latents,
+                inputs,
                 self.schedule,
                 jnp.asarray(t_N),
                 None if prev_N is None else jnp.asarray(prev_N),
@@ -245,6 +249,7 @@ class LatentDiffusionPipeline:
                 guided=guided,
                 output=output,
                 with_callback=callback is not None,
+                from_image=from_image,
             )
             images = np.asarray(images)
             if callback is not None:
@@ -285,30 +290,32 @@ class LatentDiffusionPipeline:
             return NamedSharding(self.mesh, PartitionSpec("data"))
         return NamedSharding(self.mesh, PartitionSpec())
 
-    def _encode_text(self, params, ids_BT):
-        out = self.cond_stage.apply({"params": params}, ids_BT)
-        return out if self.spec.cond_stage.kind == "ldm_bert" else out.last_hidden_state
+    def _timesteps(self, sampler: str, steps: int):
+        cfg = self.timestep_config
+        T = self.schedule.num_train_timesteps
+        t_N = make_timesteps(steps, T, cfg.timestep_spacing, cfg.steps_offset)
+        prev_N = None
+        if sampler in _STRIDED_SAMPLERS:
+            prev_N = strided_previous_timesteps(t_N, T, final=-1 if cfg.set_alpha_to_one else 0)
+        return t_N, prev_N
 
     def _generate_fn(
-        self, params, ids, neg_ids, latents, schedule, t_N, prev_N, scale, rng, *, sampler, eta,
-        guided, output, with_callback=False,
+        self, params, inputs, schedule, t_N, prev_N, scale, rng, *, sampler, eta, guided, output,
+        with_callback=False, from_image=False,
     ):  # fmt: skip
-        """The pure sampling function: (params, token ids, x_T, ...) -> images."""
-        batch = ids.shape[0]
-        if guided:
-            context = self._encode_text(params["cond_stage"], jnp.concatenate([neg_ids, ids]))
-            uncond, cond = context[:batch], context[batch:]
-        else:
-            cond, uncond = self._encode_text(params["cond_stage"], ids), None
+        """The pure sampling function: (params, inputs, timesteps, ...) -> images."""
+        task = self.task
+        cond, uncond = pipeline_tasks.conditioning(self, params, task, inputs, guided)
 
-        def apply_unet(x_t, t_B, context):
-            return self.unet.apply({"params": params["unet"]}, x_t, t_B, context)
+        def apply_unet(x_t, t_B, c):
+            return pipeline_tasks.apply_unet(self, params, x_t, t_B, c)
 
         denoise = classifier_free_guidance(apply_unet, cond, uncond, scale if guided else 1.0)
+        x_T = pipeline_tasks.initial_latents(self, params, inputs, schedule, t_N[0], from_image)
         options = {"eta": eta} if sampler == "ddim" else {}
         x0 = SAMPLERS[sampler](
             denoise,
-            latents,
+            x_T,
             schedule,
             t_N,
             prediction_type=self.spec.diffusion.prediction_type,
@@ -317,25 +324,19 @@ class LatentDiffusionPipeline:
             callback=self._host_step if with_callback else None,
             **options,
         )
-        z = (x0 / self.spec.diffusion.scale_factor).astype(self.first_stage.dtype)
-        x = self.first_stage.apply({"params": params["first_stage"]}, z, method="decode")
-        images = jnp.clip(x.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+        images = pipeline_tasks.decode(self, params, task, inputs, x0)
         if output == "uint8":
             return jnp.round(images * 255).astype(jnp.uint8)
         return images
 
 
-def sampler_iterations(sampler: str, num_inference_steps: int) -> int:
-    """How many times ``callback`` runs for N steps: N, or N + 1 for PLMS (N >= 2)."""
+def sampler_iterations(sampler: str, num_inference_steps: int, strength=None) -> int:
+    """How many times ``callback`` runs: N visited steps (``int(N * strength)`` with strength),
+    or one more for PLMS (N >= 2)."""
     steps = int(num_inference_steps)
+    if strength is not None:
+        steps -= pipeline_inputs.strength_slice(steps, strength)
     return steps + 1 if sampler == "plms" and steps >= 2 else steps
-
-
-def _text_list(texts, name: str) -> list[str]:
-    items = [texts] if isinstance(texts, str) else list(texts)
-    if not items or not all(isinstance(t, str) for t in items):
-        raise ValueError(f"{name} must be a string or a non-empty list of strings")
-    return items
 
 
 def _scheduler_timestep_config(path_or_hub_id) -> TimestepConfig:

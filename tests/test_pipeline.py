@@ -13,7 +13,7 @@ from PIL import Image
 from tiny_pipelines import sd_pipeline
 
 from ldm_jax.checkpoints import CondStageSpec, LatentDiffusionCheckpoint
-from ldm_jax.models.conditioning import ClassEmbedderConfig
+from ldm_jax.models.conditioning import SpatialRescalerConfig
 from ldm_jax.pipeline import LatentDiffusionPipeline, TimestepConfig
 
 PROMPTS = ["a photo of a cat", "an oil painting of a harbour"]
@@ -153,11 +153,11 @@ def test_bad_inputs(v_pipe):
         v_pipe([])
 
 
-def test_non_text_conditioning_is_not_implemented(v_pipe):
-    spec = dataclasses.replace(
-        v_pipe.spec, cond_stage=CondStageSpec("class", ClassEmbedderConfig())
-    )
-    with pytest.raises(NotImplementedError, match="clip.*openclip.*ldm_bert.*'class'"):
+def test_unsupported_conditioning_is_not_implemented(v_pipe):
+    rescaler = CondStageSpec("spatial_rescaler", SpatialRescalerConfig(out_channels=4))
+    diffusion = dataclasses.replace(v_pipe.spec.diffusion, conditioning_key="concat")
+    spec = dataclasses.replace(v_pipe.spec, cond_stage=rescaler, diffusion=diffusion)
+    with pytest.raises(NotImplementedError, match="'spatial_rescaler'.*supported: text-to-image"):
         LatentDiffusionPipeline(LatentDiffusionCheckpoint(spec, v_pipe.params, v_pipe.tokenizer))
 
 

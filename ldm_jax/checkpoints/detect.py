@@ -100,7 +100,10 @@ def detect_architecture(state_dict: Mapping[str, Any]) -> CompVisArchitecture:
             f"a Stable Diffusion UNet with {unet.in_channels} input channels (4: text-to-image, "
             f"9: inpainting) is of no family detected from keys; {_PASS_YAML}"
         )
-    diffusion = DiffusionSpec(conditioning_key="hybrid" if unet.in_channels == 9 else "crossattn")
+    if unet.in_channels == 9:  # inpainting: [x, mask, masked-image latents]
+        diffusion = DiffusionSpec(conditioning_key="hybrid", concat_input="mask_and_masked_image")
+    else:
+        diffusion = DiffusionSpec(conditioning_key="crossattn")
     if SCALE_FACTOR_KEY in state_dict:  # saved only by scale_by_std training: the true scale
         scale = float(np.asarray(state_dict[SCALE_FACTOR_KEY]).reshape(()))
         diffusion = dataclasses.replace(diffusion, scale_factor=scale)

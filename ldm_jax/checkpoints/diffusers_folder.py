@@ -195,10 +195,14 @@ def load_diffusers_folder(folder: str | Path, *, dtype=None) -> tuple[ModelSpec,
             cond = CondStageSpec(*text_config_from_transformers(text_config))
 
     latent = first_stage.embed_dim
+    concat = None
     if unet.context_dim is not None:
         key = "hybrid" if unet.in_channels == 2 * latent + 1 else "crossattn"
+        concat = "mask_and_masked_image" if key == "hybrid" else None  # SD inpainting
     else:
         key = "concat" if unet.in_channels > latent else None
+        if index.get("_class_name") == "LDMSuperResolutionPipeline":
+            concat = "low_res_image"
     unscaled = index.get("_class_name") in UNSCALED_PIPELINES
     scale = 1.0 if unscaled else fs_config.get("scaling_factor", 0.18215)
     if not (folder / "scheduler").is_dir():
@@ -209,6 +213,7 @@ def load_diffusers_folder(folder: str | Path, *, dtype=None) -> tuple[ModelSpec,
         scheduler,
         scale_factor=scale,
         conditioning_key=key,
+        concat_input=concat,
         latent_size=size[0] if isinstance(size, list | tuple) else size,
     )
     spec = ModelSpec(first_stage=first_stage, unet=unet, cond_stage=cond, diffusion=diffusion)

@@ -52,7 +52,7 @@ def save_diffusers(
             unet_kwargs,
             diffusers_unet_table(spec.unet).to_torch(params["unet"]),
         )
-        vae_name = "vae" if pipeline == "StableDiffusionPipeline" else "vqvae"
+        vae_name = "vae" if pipeline in _SD_PIPELINES else "vqvae"
         _write_first_stage(folder / vae_name, spec, params["first_stage"])
         components = {
             "unet": ["diffusers", unet_class],
@@ -62,7 +62,7 @@ def save_diffusers(
             ],
             "scheduler": ["diffusers", "DDIMScheduler"],
         }
-        if pipeline == "StableDiffusionPipeline":
+        if pipeline in _SD_PIPELINES:
             _write_text_encoder(folder / "text_encoder", spec, params["cond_stage"])
             _tokenizer_for(checkpoint).write_folder(folder / "tokenizer")
             components |= {
@@ -74,10 +74,13 @@ def save_diffusers(
             }
         _write_json(folder / "scheduler" / "scheduler_config.json", _scheduler_config(spec))
         index = {"_class_name": pipeline, "_diffusers_version": DIFFUSERS_FORMAT_VERSION}
-        if pipeline == "StableDiffusionPipeline":
+        if pipeline in _SD_PIPELINES:
             index["requires_safety_checker"] = False
         _write_json(folder / "model_index.json", index | components)
     return Path(destination)
+
+
+_SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline")
 
 
 def _pipeline_class(spec: ModelSpec) -> str:
@@ -92,9 +95,13 @@ def _pipeline_class(spec: ModelSpec) -> str:
                 f"text conditioning via {spec.diffusion.conditioning_key!r} "
                 "has no diffusers pipeline"
             )
+        if spec.diffusion.concat_input == "mask_and_masked_image":
+            return "StableDiffusionInpaintPipeline"
         return "StableDiffusionPipeline"
     if cond is None and spec.diffusion.conditioning_key is None:
         return "LDMPipeline"
+    if cond is None and spec.diffusion.concat_input == "low_res_image":
+        return "LDMSuperResolutionPipeline"
     kind = cond.kind if cond else spec.diffusion.conditioning_key
     raise UnsupportedExportError(
         f"diffusers export supports Stable Diffusion (clip/openclip text) and unconditional LDMs; "

@@ -26,6 +26,13 @@ COND_STAGE_KINDS = (
 )
 # LatentDiffusion.conditioning_key: how the conditioning reaches the UNet.
 CONDITIONING_KEYS = (None, "crossattn", "concat", "hybrid", "adm")
+# What a "concat"/"hybrid" model concatenates to its latents along channels, in this order:
+CONCAT_INPUTS = (
+    None,  # nothing (text-to-image, unconditional, class-conditional)
+    "mask_and_masked_image",  # SD inpainting (9 ch): [x, mask, first_stage(masked image) * scale]
+    "masked_image_and_mask",  # LDM inpainting (7 ch): [x, first_stage(masked image), mask in +-1]
+    "low_res_image",  # LDM super-resolution (BSR, 6 ch): [x, low-res image in [-1, 1]]
+)
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
 
@@ -58,6 +65,7 @@ class DiffusionSpec:
     # default latent height/width for sampling (diffusers unet.config.sample_size): 64 for SD 1.x
     # and SD 2 base (512 px), 96 for SD 2 768-v
     latent_size: int = 64
+    concat_input: str | None = None  # one of CONCAT_INPUTS
 
     def __post_init__(self):
         if self.prediction_type not in PREDICTION_TYPES:
@@ -71,6 +79,10 @@ class DiffusionSpec:
         if self.conditioning_key not in CONDITIONING_KEYS:
             raise ValueError(
                 f"unknown conditioning_key {self.conditioning_key!r}; allowed: {CONDITIONING_KEYS}"
+            )
+        if self.concat_input not in CONCAT_INPUTS:
+            raise ValueError(
+                f"unknown concat_input {self.concat_input!r}; allowed: {CONCAT_INPUTS}"
             )
 
 

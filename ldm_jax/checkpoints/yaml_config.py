@@ -98,13 +98,35 @@ def spec_from_yaml(config: Any, state_dict: Mapping[str, Any] | None = None):
             f"supported: {', '.join(_LATENT_DIFFUSION + _KL + _VQ)}"
         )
     cond_config = params.get("cond_stage_config")
+    first_stage = _first_stage(_section(params, "first_stage_config"))
+    unet = _unet(_section(params, "unet_config"))
+    diffusion = _diffusion(params, cond_config, state_dict or {})
+    diffusion = dataclasses.replace(
+        diffusion, concat_input=_concat_input(diffusion.conditioning_key, cond_config, unet,
+                                              first_stage.embed_dim)
+    )  # fmt: skip
     spec = ModelSpec(
-        first_stage=_first_stage(_section(params, "first_stage_config")),
-        unet=_unet(_section(params, "unet_config")),
+        first_stage=first_stage,
+        unet=unet,
         cond_stage=_cond_stage(cond_config, params, state_dict or {}),
-        diffusion=_diffusion(params, cond_config, state_dict or {}),
+        diffusion=diffusion,
     )
     return CompVisArchitecture(spec, cond_config == "__is_first_stage__", source="yaml")
+
+
+def _concat_input(key, cond_config: Any, unet: UNetConfig, latent: int) -> str | None:
+    """What the UNet's extra input channels hold (DiffusionSpec.concat_input), from the config."""
+    extra = unet.in_channels - latent
+    if key not in ("concat", "hybrid") or extra <= 0:
+        return None
+    if cond_config == "__is_first_stage__" and extra == latent + 1:  # LDM inpainting
+        return "masked_image_and_mask"
+    if key == "hybrid" and extra == latent + 1:  # SD inpainting (LatentInpaintDiffusion)
+        return "mask_and_masked_image"
+    target = cond_config.get("target") if isinstance(cond_config, Mapping) else None
+    if target == "torch.nn.Identity" and extra == 3:  # LDM BSR super-resolution
+        return "low_res_image"
+    return None
 
 
 def _section(params: Mapping[str, Any], name: str) -> Mapping[str, Any]:

@@ -1,0 +1,230 @@
+"""Host-side inputs of the sampling tasks: images, masks, class labels and strength, checked.
+
+Images are accepted as a PIL image, a list of them, or an array [H, W, 3] / [B, H, W, 3] (uint8 in
+[0, 255] or float in [0, 1], like the pipeline's outputs) and become float32 [B, H, W, 3] in
+[-1, 1]. Masks (white = repaint) are a PIL image (any mode; converted to "L" as diffusers does) or
+an array [H, W] / [H, W, 1] / [B, H, W] / [B, H, W, 1] and become float32 [B, H, W, 1] in {0, 1}
+(>= 0.5 -> 1, diffusers' and CompVis' binarisation). One image or mask serves the whole batch.
+Sizes are never changed silently: a wrong size is an error naming the expected one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ldm_jax.pipeline_tasks import INPAINTING
+
+# PIL's "L" conversion (ITU-R 601-2 luma), used for RGB mask arrays as PIL does for RGB images
+_LUMA = np.array([299, 587, 114], np.float32) / 1000
+
+
+def _is_pil(value) -> bool:
+    return hasattr(value, "mode") and hasattr(value, "size") and hasattr(value, "convert")
+
+
+def _to_unit_float(array: np.ndarray, name: str) -> np.ndarray:
+    """uint8 -> / 255; floats must already lie in [0, 1]."""
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / 255
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"{name} must be uint8 in [0, 255] or float in [0, 1], got {array.dtype}")
+    array = array.astype(np.float32)
+    if array.size and (array.min() < 0 or array.max() > 1):
+        raise ValueError(
+            f"{name} float values must lie in [0, 1], got [{array.min():.3g}, {array.max():.3g}]"
+        )
+    return array
+
+
+def _stack(value, name: str, convert: str) -> np.ndarray:
+    """PIL image(s) or an array -> numpy (PIL images converted to `convert` mode)."""
+    if _is_pil(value):
+        return np.asarray(value.convert(convert))[None]
+    if isinstance(value, Sequence) and value and all(_is_pil(v) for v in value):
+        sizes = {v.size for v in value}
+        if len(sizes) > 1:
+            raise ValueError(f"{name} images differ in size: {sorted(sizes)}")
+        return np.stack([np.asarray(v.convert(convert)) for v in value])
+    return np.asarray(value)
+
+
+def _fit_batch(array: np.ndarray, batch: int, name: str) -> np.ndarray:
+    if array.shape[0] == batch:
+        return array
+    if array.shape[0] == 1:
+        return np.repeat(array, batch, axis=0)
+    raise ValueError(
+        f"{name} holds {array.shape[0]} images but the batch is {batch} (give 1 or {batch})"
+    )
+
+
+def _check_size(array: np.ndarray, size: tuple[int, int], name: str, hint: str) -> None:
+    h, w = array.shape[1:3]
+    if (h, w) != tuple(size):
+        raise ValueError(
+            f"{name} is {w}x{h} pixels (width x height) but {size[1]}x{size[0]} is needed{hint}; "
+            "resize it first"
+        )
+
+
+def image_size(image, name: str = "image") -> tuple[int, int]:
+    """(height, width) of an image input in any accepted form."""
+    array = _stack(image, name, "RGB")
+    if array.ndim not in (3, 4):
+        raise ValueError(f"{name} must be shaped [H, W, 3] or [B, H, W, 3], got {array.shape}")
+    return tuple(array.shape[-3:-1])
+
+
+def image_batch(image, batch: int, size: tuple[int, int], name: str = "image",
+                hint: str = "") -> np.ndarray:  # fmt: skip
+    """float32 [batch, H, W, 3] in [-1, 1]; `size` = the (H, W) the call needs."""
+    array = _stack(image, name, "RGB")
+    if array.ndim == 3:
+        array = array[None]
+    if array.ndim != 4 or array.shape[-1] != 3:
+        raise ValueError(f"{name} must be RGB, shaped [H, W, 3] or [B, H, W, 3], got {array.shape}")
+    _check_size(array, size, name, hint)
+    return _fit_batch(_to_unit_float(array, name) * 2 - 1, batch, name)
+
+
+def mask_batch(mask, batch: int, size: tuple[int, int], name: str = "mask_image") -> np.ndarray:
+    """float32 [batch, H, W, 1] in {0, 1}: 1 = repaint (white), 0 = keep."""
+    array = _stack(mask, name, "L")
+    if array.ndim == 4 and array.shape[-1] == 3:  # RGB arrays: PIL's luma
+        array = (_to_unit_float(array, name) @ _LUMA)[..., None]
+    elif array.ndim == 2:
+        array = array[None, ..., None]
+    elif array.ndim == 3:
+        array = array[..., None] if array.shape[-1] != 1 else array[None]
+    if array.ndim != 4 or array.shape[-1] != 1:
+        raise ValueError(
+            f"{name} must be [H, W], [H, W, 1], [B, H, W] or [B, H, W, 1] (or RGB [B, H, W, 3]), "
+            f"got {np.shape(mask)}"
+        )
+    _check_size(array, size, name, " (the image's size)")
+    binary = (_to_unit_float(array, name) >= 0.5).astype(np.float32)
+    return _fit_batch(binary, batch, name)
+
+
+def class_label_batch(labels, n_classes: int, null_class: int | None) -> np.ndarray:
+    """int32 [B] class ids in [0, n_classes) (the null class is not a label to ask for)."""
+    array = np.atleast_1d(np.asarray(labels))
+    if array.ndim != 1 or array.size == 0 or not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"class_labels must be an int or a non-empty list of ints, got {labels!r}")
+    real = n_classes - (1 if null_class == n_classes - 1 else 0)
+    null = -1 if null_class is None else null_class
+    bad = array[(array < 0) | (array >= real) | (array == null)]
+    if bad.size:
+        raise ValueError(f"class labels must lie in [0, {real - 1}], got {bad.tolist()}")
+    return array.astype(np.int32)
+
+
+def strength_slice(num_steps: int, strength: float) -> int:
+    """Index of the first visited timestep for img2img (diffusers ``get_timesteps``).
+
+    diffusers runs the last ``int(N * strength)`` of the N scheduled timesteps (strength 1: all
+    of them, starting from the image noised to the first one).
+    """
+    strength = float(strength)
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    kept = min(int(num_steps * strength), num_steps)
+    if kept < 1:
+        raise ValueError(
+            f"strength {strength} with {num_steps} steps leaves no denoising step "
+            f"(int(steps * strength) = 0): raise strength or num_inference_steps"
+        )
+    return num_steps - kept
+
+
+# --- the pipeline call's inputs (host arrays), checked against the checkpoint's task
+def condition_inputs(pipe, prompt, negative_prompt, class_labels, batch_size, scale):
+    """({"ids", "neg_ids"} or {"labels"} host arrays, guided) for the model's conditioning."""
+    kind = pipe.task.conditioning
+    given = {"prompt": prompt, "class_labels": class_labels}
+    wanted = {"text": "prompt", "class": "class_labels"}.get(kind)
+    for name, value in given.items():
+        if value is not None and name != wanted:
+            raise ValueError(
+                f"{name} does not apply: this checkpoint ({pipe.task.name}) takes "
+                f"{wanted or 'no conditioning (use batch_size)'}"
+            )
+    if wanted is not None and batch_size is not None:
+        raise ValueError(f"batch_size does not apply: one image per {wanted} entry")
+    if wanted is not None and given[wanted] is None:
+        raise ValueError(f"this checkpoint ({pipe.task.name}) needs {wanted}")
+    if negative_prompt is not None and kind != "text":
+        raise ValueError("negative_prompt needs a text-conditioned checkpoint")
+    if kind == "class":
+        config = pipe.spec.cond_stage.config
+        labels = class_label_batch(class_labels, config.n_classes, config.null_class)
+        guided = float(scale) > 1.0
+        if guided and config.null_class is None:
+            raise ValueError(
+                f"guidance_scale {scale} needs a null class, and this class embedder "
+                f"({config.n_classes} classes) has none: pass guidance_scale=1"
+            )
+        return {"labels": labels}, guided
+    if kind != "text":
+        return {}, False
+    prompts = _text_list(prompt, "prompt")
+    if negative_prompt is None:
+        negatives = [""] * len(prompts)
+    elif isinstance(negative_prompt, str):
+        negatives = [negative_prompt] * len(prompts)
+    else:
+        negatives = _text_list(negative_prompt, "negative_prompt")
+        if len(negatives) != len(prompts):
+            raise ValueError(
+                f"negative_prompt has {len(negatives)} entries but prompt has {len(prompts)}"
+            )
+    ids = np.asarray(pipe.tokenizer(prompts), np.int32)
+    neg_ids = np.asarray(pipe.tokenizer(negatives), np.int32)
+    return {"ids": ids, "neg_ids": neg_ids}, float(scale) > 1.0
+
+
+def image_inputs(pipe, batch, height, width, image, strength, mask, low_res):
+    """(latent h, latent w, {"image", "mask", "low_res"} host arrays), all checked."""
+    task, f = pipe.task, pipe.vae_scale_factor
+    inpainting = task.concat in INPAINTING
+    for name, value, ok in (
+        ("mask_image", mask, inpainting),
+        ("low_res_image", low_res, task.concat == "low_res_image"),
+        ("image", image, task.takes_init_image or inpainting),
+        ("strength", strength, task.takes_init_image or task.concat == "mask_and_masked_image"),
+    ):
+        if value is not None and not ok:
+            raise ValueError(f"{name} does not apply to this checkpoint ({task.name})")
+    if inpainting and (image is None or mask is None):
+        raise ValueError("inpainting needs image= and mask_image= (white = repaint)")
+    if task.takes_init_image and (image is None) != (strength is None):
+        raise ValueError("image-to-image needs both image= and strength= (in (0, 1])")
+    if task.concat == "low_res_image":
+        if low_res is None:
+            raise ValueError("super-resolution needs low_res_image= (the image to upscale)")
+        size = image_size(low_res, "low_res_image")
+        height = size[0] * f if height is None else height
+        width = size[1] * f if width is None else width
+    elif image is not None:
+        size = image_size(image)
+        height = size[0] if height is None else height
+        width = size[1] if width is None else width
+    h, w = pipe._latent_size(height, width)
+    inputs = {}
+    if image is not None:
+        inputs["image"] = image_batch(image, batch, (h * f, w * f))
+    if mask is not None:
+        inputs["mask"] = mask_batch(mask, batch, (h * f, w * f))
+    if low_res is not None:
+        hint = f" (the output size / {f})"
+        inputs["low_res"] = image_batch(low_res, batch, (h, w), "low_res_image", hint)
+    return h, w, inputs
+
+
+def _text_list(texts, name: str) -> list[str]:
+    items = [texts] if isinstance(texts, str) else list(texts)
+    if not items or not all(isinstance(t, str) for t in items):
+        raise ValueError(f"{name} must be a string or a non-empty list of strings")
+    return items

@@ -1,0 +1,182 @@
+"""The sampling tasks a checkpoint supports, and their pieces inside the pipeline's jitted function.
+
+- text-to-image: a text cond stage, conditioning_key "crossattn"; call with ``prompt``.
+- unconditional: no cond stage, conditioning_key None; ``batch_size``.
+- class-conditional: cond stage "class" (cin256); ``class_labels``.
+- image-to-image: any of the three above; add ``image`` and ``strength``.
+- SD inpainting: text + concat_input "mask_and_masked_image"; ``prompt``, ``image``, ``mask_image``.
+- LDM inpainting: concat_input "masked_image_and_mask"; ``image``, ``mask_image``.
+- super-resolution: concat_input "low_res_image" (LDM BSR); ``low_res_image``.
+
+Concatenated inputs follow the references exactly: SD inpainting (diffusers
+StableDiffusionInpaintPipeline) feeds [x, mask at latent size, scale * mean(encode(image * (mask <
+0.5)))]; LDM inpainting (CompVis scripts/inpaint.py) feeds [x, encode(masked), mask] with the
+image masked in [0, 1] (masked pixels black, -1 after scaling) and the mask scaled to +-1, and
+pastes the kept pixels of the image over the decoded result; super-resolution (diffusers
+LDMSuperResolutionPipeline) feeds [x, low-res image in [-1, 1]] at latent size. Masks reach latent
+size by nearest-neighbour subsampling (torch ``interpolate(size=...)``'s default mode). Image
+latents are the first stage's posterior mean (KL) or pre-quantisation output (VQ): deterministic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from ldm_jax.diffusion import q_sample
+from ldm_jax.models.conditioning import unconditional_class_ids
+
+TEXT_CONDITIONINGS = ("clip", "openclip", "ldm_bert")
+INPAINTING = ("mask_and_masked_image", "masked_image_and_mask")
+SUPPORTED = (
+    "text-to-image (clip/openclip/ldm_bert, crossattn), SD inpainting (text + hybrid "
+    "mask_and_masked_image), unconditional (no cond stage, no conditioning_key), "
+    "class-conditional (class cond stage, crossattn), LDM inpainting (concat "
+    "masked_image_and_mask), super-resolution (concat low_res_image)"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    conditioning: str | None  # "text", "class" or None
+    concat: str | None  # DiffusionSpec.concat_input
+
+    @property
+    def name(self) -> str:
+        if self.concat in INPAINTING:
+            return "inpainting"
+        if self.concat == "low_res_image":
+            return "super-resolution"
+        return {"text": "text-to-image", "class": "class-conditional"}.get(
+            self.conditioning, "unconditional"
+        )
+
+    @property
+    def takes_init_image(self) -> bool:
+        """img2img (image + strength) works where nothing is concatenated to the latents."""
+        return self.concat is None
+
+
+def model_task(spec) -> Task:
+    """The task of a checkpoint; NotImplementedError naming what is supported otherwise."""
+    if spec.unet is None:
+        raise ValueError("the checkpoint has no UNet (first stage only): nothing to sample")
+    d, cond = spec.diffusion, spec.cond_stage
+    kind = None if cond is None else cond.kind
+    concat = d.concat_input
+    if concat is None and d.conditioning_key == "hybrid" and kind in TEXT_CONDITIONINGS:
+        if spec.unet.in_channels == 2 * spec.first_stage.embed_dim + 1:  # specs saved before
+            concat = "mask_and_masked_image"  # concat_input existed: SD inpainting
+    key = d.conditioning_key
+    if kind in TEXT_CONDITIONINGS:
+        if (key, concat) in (("crossattn", None), ("hybrid", "mask_and_masked_image")):
+            return Task("text", concat)
+    elif kind == "class" and key == "crossattn" and concat is None:
+        return Task("class", None)
+    elif kind is None and key is None and concat is None:
+        return Task(None, None)
+    elif kind is None and key == "concat" and concat in ("masked_image_and_mask", "low_res_image"):
+        return Task(None, concat)
+    raise NotImplementedError(
+        f"LatentDiffusionPipeline cannot sample this checkpoint (cond stage {kind!r}, "
+        f"conditioning_key {key!r}, concat_input {concat!r}); supported: {SUPPORTED}"
+    )
+
+
+# --- pieces of the jitted sampling function (traced; `pipe` gives modules and the spec)
+def encode_image(pipe, params, image_BHWC):
+    """[-1, 1] pixels -> unscaled latents, fp32 (KL posterior mean, VQ before quantisation)."""
+    x = image_BHWC.astype(pipe.first_stage.dtype)
+    out = pipe.first_stage.apply({"params": params["first_stage"]}, x, method="encode")
+    latents = out if pipe.spec.first_stage_kind == "vq" else out.mode()
+    return latents.astype(jnp.float32)
+
+
+def nearest_downsample(mask_BHW1, h: int, w: int):
+    """torch ``interpolate(mask, size=(h, w))`` (nearest): pixel floor(i * H / h)."""
+    H, W = mask_BHW1.shape[1:3]
+    rows = (jnp.arange(h) * H) // h
+    cols = (jnp.arange(w) * W) // w
+    return mask_BHW1[:, rows][:, :, cols]
+
+
+def concat_input(pipe, params, task: Task, inputs):
+    """The array concatenated to the latents along channels, or None."""
+    h, w = inputs["noise"].shape[1:3]
+    if task.concat == "low_res_image":
+        return inputs["low_res"]
+    if task.concat == "mask_and_masked_image":  # diffusers StableDiffusionInpaintPipeline
+        mask = inputs["mask"]
+        masked = inputs["image"] * (mask < 0.5)
+        latents = encode_image(pipe, params, masked) * pipe.spec.diffusion.scale_factor
+        return jnp.concatenate([nearest_downsample(mask, h, w), latents], axis=-1)
+    if task.concat == "masked_image_and_mask":  # CompVis scripts/inpaint.py
+        mask = inputs["mask"]
+        masked = (1 - mask) * (inputs["image"] / 2 + 0.5) * 2 - 1
+        latents = encode_image(pipe, params, masked)
+        return jnp.concatenate([latents, nearest_downsample(mask * 2 - 1, h, w)], axis=-1)
+    return None
+
+
+def conditioning(pipe, params, task: Task, inputs, guided: bool):
+    """(cond, uncond) pytrees for ``classifier_free_guidance``: {"context", "concat"} entries."""
+    cond, uncond = {}, ({} if guided else None)
+    if task.conditioning is not None:
+        if task.conditioning == "text":
+            key, null_key = "ids", "neg_ids"
+        else:
+            key, null_key = "labels", None
+        batch = inputs[key].shape[0]
+        ids = inputs[key]
+        if guided:
+            null = (
+                inputs[null_key]
+                if null_key
+                else unconditional_class_ids(pipe.spec.cond_stage.config, batch)
+            )
+            ids = jnp.concatenate([null, ids])
+        context = _encode_condition(pipe, params["cond_stage"], ids)
+        if guided:
+            uncond["context"], cond["context"] = context[:batch], context[batch:]
+        else:
+            cond["context"] = context
+    extra = concat_input(pipe, params, task, inputs)
+    if extra is not None:
+        cond["concat"] = extra
+        if guided:
+            uncond["concat"] = extra
+    return cond, uncond
+
+
+def _encode_condition(pipe, params, ids):
+    out = pipe.cond_stage.apply({"params": params}, ids)
+    kind = pipe.spec.cond_stage.kind
+    return out if kind in ("ldm_bert", "class") else out.last_hidden_state
+
+
+def apply_unet(pipe, params, x_t, t_B, c):
+    """The UNet on [x_t, concat] with the cross-attention context of `c` (if any)."""
+    if "concat" in c:
+        x_t = jnp.concatenate([x_t, c["concat"].astype(x_t.dtype)], axis=-1)
+    return pipe.unet.apply({"params": params["unet"]}, x_t, t_B, c.get("context"))
+
+
+def initial_latents(pipe, params, inputs, schedule, t_first, from_image: bool):
+    """x at the first visited timestep: the noise, or the encoded image noised to it (img2img)."""
+    if not from_image:
+        return inputs["noise"]
+    z0 = encode_image(pipe, params, inputs["image"]) * pipe.spec.diffusion.scale_factor
+    t_B = jnp.full((z0.shape[0],), t_first, jnp.int32)
+    return q_sample(schedule, z0, t_B, inputs["noise"])
+
+
+def decode(pipe, params, task: Task, inputs, x0):
+    """Final latents -> float images in [0, 1] (LDM inpainting: kept pixels pasted back)."""
+    z = (x0 / pipe.spec.diffusion.scale_factor).astype(pipe.first_stage.dtype)
+    x = pipe.first_stage.apply({"params": params["first_stage"]}, z, method="decode")
+    images = jnp.clip(x.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+    if task.concat == "masked_image_and_mask":
+        mask = inputs["mask"]
+        images = (1 - mask) * jnp.clip(inputs["image"] / 2 + 0.5, 0.0, 1.0) + mask * images
+    return images
