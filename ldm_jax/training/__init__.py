@@ -1,0 +1,1 @@
+"""Training: sharding, train state, optimizers, losses and the train steps."""
