@@ -204,7 +204,10 @@ class LatentDiffusionPipeline:
         inputs, guided = pipeline_inputs.condition_inputs(
             self, prompt, negative_prompt, class_labels, batch_size, guidance_scale
         )
-        batch = next(iter(inputs.values())).shape[0] if inputs else int(batch_size or 1)
+        if inputs:
+            batch = next(iter(inputs.values())).shape[0]
+        else:
+            batch = 1 if batch_size is None else int(batch_size)
         if batch < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         h, w, image_inputs = pipeline_inputs.image_inputs(

@@ -93,7 +93,7 @@ def _vq_unet(in_channels: int, seed: int) -> tuple:
     )
     randomize_(unet, seed)
     randomize_(vqvae, seed + 1)
-    scheduler = diffusers.DDIMScheduler(beta_start=0.0015, beta_end=0.0195)
+    scheduler = diffusers.DDIMScheduler(beta_start=0.0015, beta_end=0.0195, clip_sample=False)
     return vqvae.eval(), unet.eval(), scheduler
 
 
