@@ -211,3 +211,31 @@ def test_config_errors_are_clear():
             *make_optimizer(dict(learning_rate=1e-3)),
             make_mesh(("data",), (-1,)),
         )
+
+
+def test_config_from_the_shared_config_layout():
+    import ml_collections  # noqa: PLC0415
+
+    config = ml_collections.ConfigDict(
+        dict(
+            diffusion=dict(prediction_type="v", min_snr_gamma=5.0, cond_drop_prob=0.1),
+            ema=dict(decay=0.999),
+            optimizer=dict(grad_accum_steps=4),
+            compute_dtype="bfloat16",
+            remat="blocks",
+        )
+    )
+    cfg = LDMTrainConfig.from_config(config)
+    assert (cfg.prediction_type, cfg.min_snr_gamma, cfg.cond_drop_prob) == ("v", 5.0, 0.1)
+    assert (cfg.ema_decay, cfg.grad_accum_steps) == (0.999, 4)
+    assert (cfg.compute_dtype, cfg.remat, cfg.scale_by_std) == ("bfloat16", "blocks", False)
+
+
+def test_mismatched_init_params_name_the_wrong_entries(mesh):
+    params = random_params(CLASS_SPEC)
+    del params["first_stage"]["quant_conv"]
+    tx, _ = make_optimizer(dict(learning_rate=1e-3))
+    with pytest.raises(ValueError, match="missing .*quant_conv"):
+        init_ldm_state(CLASS_SPEC, LDMTrainConfig(), tx, mesh, init_params=params)
+    with pytest.raises(ValueError, match="has networks"):
+        init_ldm_state(CLASS_SPEC, LDMTrainConfig(), tx, mesh, init_params={"vae": {}})
