@@ -1,0 +1,220 @@
+"""The latent-diffusion task for the loop (config.trainer = "ldm").
+
+config.model:
+    init_from        a checkpoint that `load_checkpoint` reads (CompVis file, diffusers folder,
+                     orbax folder, hub id): fine-tune from its weights, architecture and tokenizer
+    spec             else: a ModelSpec as `spec_to_dict` data (trained from scratch, random init)
+    first_stage_from with spec: the trained autoencoder to encode with (a checkpoint path)
+    tokenizer        tokenizer folder / hub id (needed for an LDM-BERT spec; CLIP specs with the
+                     49,408-token vocabulary use the packaged one)
+    prediction_type  "" or an override of the checkpoint's ("epsilon" | "v_prediction")
+    train_cond_stage None: the spec's CondStageSpec.trainable
+config.sample: num_images, prompts (text), class_labels (class), steps, sampler, guidance.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+
+from ldm_jax.checkpoints.spec import LatentDiffusionCheckpoint, spec_from_dict
+from ldm_jax.training.ldm_step import (
+    LDMTrainConfig,
+    init_ldm_state,
+    make_ldm_train_step,
+    trainable_names,
+)
+from ldm_jax.training.optimizer import make_optimizer
+from ldm_jax.training.sharding import batch_sharding, data_parallel_size, replicated
+from ldm_jax.training.tasks import check_global_batch, mesh_from_config
+
+
+def _plain(value):
+    return value.to_dict() if hasattr(value, "to_dict") else value
+
+
+def resolve_model(model_cfg):
+    """(spec, init params or None, tokenizer or None) from config.model."""
+    init_from = model_cfg.get("init_from", "") or ""
+    prediction_type = model_cfg.get("prediction_type", "") or None
+    tokenizer_source = model_cfg.get("tokenizer", "") or None
+    if init_from:
+        from ldm_jax.checkpoints.load import load_checkpoint  # noqa: PLC0415
+
+        checkpoint = load_checkpoint(init_from, prediction_type=prediction_type,
+                                     tokenizer=tokenizer_source)
+        return checkpoint.spec, checkpoint.params, checkpoint.tokenizer
+    spec_data = _plain(model_cfg.get("spec", None))
+    if not spec_data:
+        raise ValueError("config.model needs init_from (a checkpoint to fine-tune) or spec "
+                         "(spec_to_dict of a ModelSpec, to train from scratch)")
+    spec = spec_from_dict(spec_data)
+    if prediction_type:
+        import dataclasses  # noqa: PLC0415
+
+        spec = dataclasses.replace(
+            spec, diffusion=dataclasses.replace(spec.diffusion, prediction_type=prediction_type)
+        )
+    from ldm_jax.checkpoints.load import _tokenizer  # noqa: PLC0415 - one tokenizer rule
+
+    return spec, _first_stage_params(model_cfg, spec), _tokenizer(spec, tokenizer_source)
+
+
+def _first_stage_params(model_cfg, spec):
+    """{"first_stage": params} from config.model.first_stage_from (a trained autoencoder: any
+    checkpoint load_checkpoint reads), or None (random init: only for tests)."""
+    source = model_cfg.get("first_stage_from", "") or ""
+    if not source:
+        return None
+    from ldm_jax.checkpoints.load import load_checkpoint  # noqa: PLC0415
+
+    checkpoint = load_checkpoint(source)
+    if checkpoint.spec.first_stage != spec.first_stage:
+        raise ValueError(
+            f"config.model.first_stage_from={source} holds a different autoencoder "
+            f"({checkpoint.spec.first_stage}) than config.model.spec ({spec.first_stage})"
+        )
+    return {"first_stage": checkpoint.params["first_stage"]}
+
+
+class GlobalBatches:
+    """Per-host numpy batches from the data loader as global, batch-sharded jax.Arrays."""
+
+    def __init__(self, local_batches, sharding):
+        self.local_batches, self.sharding = local_batches, sharding
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        from ldm_jax.data import to_global_batch  # noqa: PLC0415
+
+        return to_global_batch(next(self.local_batches), self.sharding)
+
+    def get_state(self):
+        return self.local_batches.get_state()
+
+    def set_state(self, state):
+        self.local_batches.set_state(state)
+
+
+class _BoundStep:
+    """train_step(state, batch, rng) over the jitted (state, frozen, batch, rng) step: the frozen
+    networks stay a sharded argument (never a baked-in constant)."""
+
+    def __init__(self, jitted, frozen):
+        self.jitted, self.frozen = jitted, frozen
+
+    def __call__(self, state, batch, rng):
+        return self.jitted(state, self.frozen, batch, rng)
+
+    def lower(self, state, batch, rng):
+        return _BoundLowered(self.jitted.lower(state, self.frozen, batch, rng), self.frozen)
+
+
+class _BoundLowered:
+    def __init__(self, lowered, frozen):
+        self.lowered, self.frozen = lowered, frozen
+
+    def compile(self):
+        compiled = self.lowered.compile()
+        bound = _BoundStep(compiled, self.frozen)
+        bound.cost_analysis = compiled.cost_analysis
+        return bound
+
+
+def make_grid(images_BHWC: np.ndarray) -> np.ndarray:
+    """uint8 [B, H, W, 3] tiled into a near-square [rows*H, cols*W, 3] grid."""
+    b, h, w, c = images_BHWC.shape
+    cols = math.ceil(math.sqrt(b))
+    rows = math.ceil(b / cols)
+    grid = np.zeros((rows * h, cols * w, c), np.uint8)
+    for k, image in enumerate(images_BHWC):
+        grid[(k // cols) * h:(k // cols + 1) * h, (k % cols) * w:(k % cols + 1) * w] = image
+    return grid
+
+
+def _local_copy(tree):
+    """A fully replicated copy of a (possibly multi-host sharded) tree on one local device."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("all",))
+    full = jax.jit(lambda t: t, out_shardings=replicated(mesh))(tree)
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), full)
+
+
+class LDMTask:
+    def __init__(self, config):
+        self.config = config
+        self.mesh = mesh_from_config(config)
+        self.rules = tuple(tuple(r) for r in config.sharding_rules)
+        self.global_batch_size = int(config.data.global_batch_size)
+        check_global_batch(self.global_batch_size, self.mesh)
+        self.spec, self.init_params, self.tokenizer = resolve_model(config.model)
+        self.cfg = LDMTrainConfig.from_config(config)
+        updates = max(int(config.train.num_steps) // self.cfg.grad_accum_steps, 1)
+        self.optimizer, schedule = make_optimizer(config.optimizer, updates)
+        cond = self.spec.cond_stage
+        self.text = cond is not None and cond.kind in ("clip", "openclip", "ldm_bert")
+        if self.text and self.tokenizer is None:
+            raise ValueError("this model is text-conditioned but has no tokenizer: set "
+                             "config.model.tokenizer to a tokenizer folder or hub id")
+        null_tokens = np.asarray(self.tokenizer([""]))[0] if self.text else None
+        self._jitted = make_ldm_train_step(self.spec, self.cfg, self.optimizer, schedule,
+                                           self.mesh, self.rules, null_tokens=null_tokens)
+        self.train_step = None
+        self.frozen = None
+        self._pipeline = None
+
+    def init_state(self, rng):
+        state, self.frozen = init_ldm_state(self.spec, self.cfg, self.optimizer, self.mesh,
+                                            self.rules, rng, self.init_params)
+        self.init_params = None  # now on the devices; free the host copy
+        self.train_step = _BoundStep(self._jitted, self.frozen)
+        return state
+
+    def make_iterator(self) -> GlobalBatches:
+        from ldm_jax.data import make_train_dataset  # noqa: PLC0415
+
+        local = make_train_dataset(
+            self.config.data, self.tokenizer if self.text else None, self.global_batch_size,
+            int(self.config.seed), data_parallel_size=data_parallel_size(self.mesh),
+        )
+        return GlobalBatches(local, batch_sharding(self.mesh))
+
+    def sample(self, state, rng):
+        """A grid sampled with the EMA weights (config.sample), or None when num_images is 0."""
+        sample_cfg = self.config.get("sample", None)
+        if sample_cfg is None or int(sample_cfg.get("num_images", 0)) <= 0:
+            return None
+        from ldm_jax.pipeline import LatentDiffusionPipeline  # noqa: PLC0415
+
+        trained = trainable_names(self.spec, self.cfg)
+        params = {**_local_copy(self.frozen),
+                  **{k: v for k, v in _local_copy(state.ema_params).items() if k in trained}}
+        if self._pipeline is None:
+            checkpoint = LatentDiffusionCheckpoint(self.spec, params, self.tokenizer)
+            self._pipeline = LatentDiffusionPipeline(checkpoint)
+        else:
+            self._pipeline.params = jax.device_put(params, replicated(self._pipeline.mesh))
+        n = int(sample_cfg.num_images)
+        kwargs = {}
+        if self.text:
+            prompts = list(sample_cfg.get("prompts", None) or [""])
+            kwargs["prompt"] = [prompts[i % len(prompts)] for i in range(n)]
+        elif self._pipeline.task.conditioning == "class":
+            labels = list(sample_cfg.get("class_labels", None) or [0])
+            kwargs["class_labels"] = [labels[i % len(labels)] for i in range(n)]
+        else:
+            kwargs["batch_size"] = n
+        images = self._pipeline(
+            num_inference_steps=int(sample_cfg.get("steps", 25)),
+            sampler=sample_cfg.get("sampler", "ddim"),
+            guidance_scale=float(sample_cfg.get("guidance", 1.0)),
+            rng=rng, **kwargs,
+        )
+        return make_grid(np.asarray(images))
+
+
+def make_task(config) -> LDMTask:
+    return LDMTask(config)
