@@ -1,7 +1,14 @@
-"""Text-to-image sampling from the shell: the logic behind ``python sample.py``.
+"""Sampling from the shell: the logic behind ``python sample.py``.
 
     python sample.py --checkpoint PATH_OR_ID --prompt "a photo of a cat" [--n 4] [--steps 50]
         [--sampler ddim|ddpm|plms|dpm++] [--guidance 7.5] [--seed 0] [--out outputs/]
+        [--init-image PATH --strength 0.75] [--mask PATH] [--class-label N] [--low-res-image PATH]
+
+The checkpoint decides the task: text-to-image (--prompt), unconditional (no conditioning flag),
+class-conditional (--class-label), image-to-image (--init-image, --strength), inpainting
+(--init-image, --mask) or super-resolution (--low-res-image); a flag the checkpoint cannot use is
+an error.
+    python sample.py --prompt "a red circle"    # the model of `python train.py` (runs/default)
 
 Writes ``00.png, 01.png, ...`` (one per image) and ``grid.png`` into ``--out``, with a per-step
 progress bar on stderr. Bad input is one ``error:`` line on stderr, exit status 2, and nothing
@@ -26,6 +33,8 @@ EXIT_BAD_INPUT = 2
 SAMPLERS = {"ddim": "ddim", "ddpm": "ddpm", "plms": "plms", "dpm++": "dpm_solver"}
 DTYPES = ("float32", "bfloat16")
 GRID_NAME = "grid.png"
+# the model `python train.py` (the built-in default run) writes; used when --checkpoint is omitted
+DEFAULT_CHECKPOINT = Path("runs/default/model")
 CHECKPOINT_HELP = (
     "a diffusers folder, a CompVis .safetensors/.ckpt file, an ldm_jax orbax folder, or a hub id "
     "(org/name, downloaded when named)"
@@ -44,12 +53,19 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="python sample.py",
-        description="Sample images from a text-conditioned latent diffusion checkpoint "
-        "(Stable Diffusion 1.x/2.x, LDM text-to-image). Writes one PNG per image and grid.png "
-        "into --out; bad input exits with status 2 and writes nothing.",
+        description="Sample images from a latent diffusion checkpoint (Stable Diffusion 1.x/2.x "
+        "incl. inpainting, the LDM zoo: text-to-image, unconditional, class-conditional, "
+        "inpainting, super-resolution). Writes one PNG per image and grid.png into --out; bad "
+        "input exits with status 2 and writes nothing.",
     )
-    parser.add_argument("--checkpoint", help=f"the model: {CHECKPOINT_HELP} (required)")
-    parser.add_argument("--prompt", help="the text prompt (required; truncated to 77 tokens)")
+    parser.add_argument(
+        "--checkpoint",
+        help=f"the model: {CHECKPOINT_HELP} (default: {DEFAULT_CHECKPOINT}, which `python "
+        "train.py` writes)",
+    )
+    parser.add_argument(
+        "--prompt", help="the text prompt (text models: required; truncated to 77 tokens)"
+    )
     parser.add_argument("--negative-prompt", default=None, help="unconditional prompt for CFG")
     parser.add_argument("--n", type=int, default=4, help="number of images (default 4)")
     parser.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
@@ -77,12 +93,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--compilation-cache", metavar="DIR", help="JAX persistent compilation cache folder"
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    unsupported = parser.add_argument_group(
-        "not supported yet (img2img / inpainting): these exit with status 2"
+    tasks = parser.add_argument_group(
+        "tasks (the checkpoint decides which apply; images are never resized: a size mismatch is "
+        "an error naming the expected size)"
     )
-    unsupported.add_argument("--init-image", metavar="PATH", help="initial image (img2img)")
-    unsupported.add_argument("--strength", type=float, help="img2img noise strength")
-    unsupported.add_argument("--mask", metavar="PATH", help="inpainting mask")
+    tasks.add_argument(
+        "--init-image",
+        metavar="PATH",
+        help="image-to-image: the starting image (with --mask: the image to inpaint); the output "
+        "has its size, so --height/--width must match it if given",
+    )
+    tasks.add_argument(
+        "--strength",
+        type=float,
+        help="image-to-image noise strength in (0, 1] (default 0.75): the last int(steps * "
+        "strength) steps are run; SD inpainting: below 1 starts from the noised image",
+    )
+    tasks.add_argument(
+        "--mask", metavar="PATH", help="inpainting mask, the --init-image's size: white = repaint"
+    )
+    tasks.add_argument(
+        "--class-label", type=int, metavar="N", help="class-conditional models (cin256): class id"
+    )
+    tasks.add_argument(
+        "--low-res-image",
+        metavar="PATH",
+        help="super-resolution (LDM BSR): the image to upscale; the output is the first stage's "
+        "factor times larger",
+    )
     return parser
 
 
@@ -108,13 +146,23 @@ def make_grid(images):
 def check_args(args) -> None:
     """Checks that need no model; UsageError on the first problem."""
     if not args.checkpoint:
-        raise UsageError(f"--checkpoint is required: pass {CHECKPOINT_HELP}")
-    if args.prompt is None:
-        raise UsageError('--prompt is required, e.g. --prompt "a photo of a cat"')
-    for flag in ("init_image", "strength", "mask"):
-        if getattr(args, flag) is not None:
-            name = "--" + flag.replace("_", "-")
-            raise UsageError(f"{name} is not supported yet (img2img and inpainting arrive later)")
+        if not DEFAULT_CHECKPOINT.is_dir():
+            raise UsageError(
+                f"--checkpoint is required when there is no default model ({DEFAULT_CHECKPOINT}): "
+                f"run `python train.py` first to train it, or pass {CHECKPOINT_HELP}"
+            )
+        args.checkpoint = str(DEFAULT_CHECKPOINT)
+    for flag in ("init_image", "mask", "low_res_image"):
+        path = getattr(args, flag)
+        if path is not None and not Path(path).expanduser().is_file():
+            raise UsageError(f"--{flag.replace('_', '-')} {path} is not a file")
+    if args.strength is not None:
+        if not 0.0 < args.strength <= 1.0:
+            raise UsageError(f"--strength must be in (0, 1], got {args.strength}")
+        if args.init_image is None:
+            raise UsageError("--strength needs --init-image (the image to start from)")
+    if args.mask is not None and args.init_image is None:
+        raise UsageError("--mask needs --init-image (the image to inpaint)")
     if args.n < 1:
         raise UsageError(f"--n must be >= 1, got {args.n}")
     if args.steps < 1:
@@ -142,12 +190,77 @@ def check_model(args, pipe) -> None:
         value = getattr(args, flag)
         if value is not None and value % f:
             raise UsageError(f"--{flag} {value} is not a multiple of {f} (the VAE factor)")
+    check_task_flags(args, pipe.task)
     prediction = pipe.spec.diffusion.prediction_type
     if args.sampler == "plms" and prediction not in ("epsilon", "eps"):
         raise UsageError(
             f"--sampler plms needs an epsilon model; this one predicts {prediction!r}: "
             "use ddim, ddpm or dpm++"
         )
+
+
+def check_task_flags(args, task) -> None:
+    """The conditioning and task flags against what the checkpoint's task takes."""
+    from ldm_jax.pipeline_tasks import INPAINTING  # noqa: PLC0415
+
+    what = f"this checkpoint is {task.name}"
+    if task.conditioning == "text" and args.prompt is None:
+        raise UsageError(f'--prompt is required: {what}; e.g. --prompt "a photo of a cat"')
+    if task.conditioning != "text" and (args.prompt is not None or args.negative_prompt):
+        raise UsageError(f"--prompt/--negative-prompt do not apply: {what}")
+    if task.conditioning == "class" and args.class_label is None:
+        raise UsageError(f"--class-label N is required: {what}")
+    if task.conditioning != "class" and args.class_label is not None:
+        raise UsageError(f"--class-label does not apply: {what}")
+    inpainting = task.concat in INPAINTING
+    if inpainting and args.mask is None:
+        raise UsageError(f"--init-image and --mask are required: {what} (an inpainting model)")
+    if args.mask is not None and not inpainting:
+        raise UsageError(f"--mask needs an inpainting checkpoint: {what}")
+    if args.init_image is not None and not (task.takes_init_image or inpainting):
+        raise UsageError(f"--init-image does not apply: {what}")
+    sd_inpainting = task.concat == "mask_and_masked_image"
+    if args.strength is not None and not (task.takes_init_image or sd_inpainting):
+        raise UsageError(f"--strength does not apply: {what}")
+    super_resolution = task.concat == "low_res_image"
+    if super_resolution != (args.low_res_image is not None):
+        raise UsageError(
+            f"--low-res-image is required: {what}"
+            if super_resolution
+            else f"--low-res-image needs a super-resolution checkpoint: {what}"
+        )
+
+
+def task_inputs(args, task) -> dict:
+    """The pipeline keyword arguments of the task flags (images opened; UsageError if not)."""
+    kwargs = {}
+    if task.conditioning == "text":
+        kwargs["prompt"] = [args.prompt] * args.n
+        kwargs["negative_prompt"] = args.negative_prompt
+    elif task.conditioning == "class":
+        kwargs["class_labels"] = [args.class_label] * args.n
+    else:
+        kwargs["batch_size"] = args.n
+    if args.init_image is not None:
+        kwargs["image"] = _open_image(args.init_image, "--init-image", "RGB")
+        if args.mask is not None:
+            kwargs["mask_image"] = _open_image(args.mask, "--mask", "L")
+            kwargs["strength"] = args.strength
+        else:
+            kwargs["strength"] = 0.75 if args.strength is None else args.strength
+    if args.low_res_image is not None:
+        kwargs["low_res_image"] = _open_image(args.low_res_image, "--low-res-image", "RGB")
+    return kwargs
+
+
+def _open_image(path: str, flag: str, mode: str):
+    from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
+
+    try:
+        with Image.open(Path(path).expanduser()) as image:
+            return image.convert(mode)
+    except (OSError, UnidentifiedImageError) as error:
+        raise UsageError(f"{flag} {path} is not a readable image ({error})") from error
 
 
 def prompt_warnings(tokenizer, prompts) -> list[str]:
@@ -208,20 +321,22 @@ def _sample(args) -> int:
     except (ValueError, OSError, ImportError, KeyError, NotImplementedError) as error:
         raise UsageError(f"cannot load checkpoint {args.checkpoint!r}: {error}") from error
     check_model(args, pipe)
-    texts = [("--prompt", args.prompt)]
+    kwargs = task_inputs(args, pipe.task)
+    texts = [] if args.prompt is None else [("--prompt", args.prompt)]
     if args.negative_prompt:
         texts.append(("--negative-prompt", args.negative_prompt))
     for line in prompt_warnings(pipe.tokenizer, texts):
         print(line, file=sys.stderr)
 
     sampler = SAMPLERS[args.sampler]
-    with StepProgress(
-        sampler_iterations(sampler, args.steps), desc=f"{args.sampler}", disable=args.no_progress
-    ) as progress:
+    strength = kwargs.get("strength")
+    try:
+        iterations = sampler_iterations(sampler, args.steps, strength)
+    except ValueError as error:
+        raise UsageError(f"--strength: {error}") from error
+    with StepProgress(iterations, desc=f"{args.sampler}", disable=args.no_progress) as progress:
         try:
             images = pipe(
-                [args.prompt] * args.n,
-                negative_prompt=args.negative_prompt,
                 height=args.height,
                 width=args.width,
                 num_inference_steps=args.steps,
@@ -230,6 +345,7 @@ def _sample(args) -> int:
                 eta=args.eta,
                 seed=args.seed,
                 callback=progress,
+                **kwargs,
             )
         except ValueError as error:
             raise UsageError(str(error)) from error
@@ -238,6 +354,9 @@ def _sample(args) -> int:
         key: getattr(args, key)
         for key in ("checkpoint", "prompt", "negative_prompt", "steps", "sampler", "eta")
     }
+    for key in ("init_image", "strength", "mask", "class_label", "low_res_image"):
+        if getattr(args, key) is not None:
+            metadata[key] = getattr(args, key)
     metadata.update(guidance=args.guidance, seed=args.seed)
     written = write_images(LatentDiffusionPipeline.to_pil(images), Path(args.out), metadata)
     names = [p.name for p in written[:-1]]

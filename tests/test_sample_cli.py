@@ -84,9 +84,8 @@ BAD_INPUTS = {
     "height not divisible": (["--height", "15"], "not a multiple of 2"),
     "plms on a v-model": (["--sampler", "plms"], "needs an epsilon model"),
     "missing checkpoint": (["--checkpoint", "nowhere/model.safetensors"], "not found"),
-    "init image": (["--init-image", "cat.png"], "--init-image is not supported yet"),
-    "strength": (["--strength", "0.5"], "--strength is not supported yet"),
-    "mask": (["--mask", "mask.png"], "--mask is not supported yet"),
+    "missing init image": (["--init-image", "cat.png"], "--init-image cat.png is not a file"),
+    "strength without image": (["--strength", "0.5"], "--strength needs --init-image"),
 }
 
 
@@ -111,4 +110,6 @@ def test_help_documents_every_flag(capsys):
         assert flag in text
     for flag in ("--seed", "--height", "--width", "--out", "--dtype", "--compilation-cache"):
         assert flag in text
-    assert "not supported yet" in text and "dpm++" in text
+    assert "dpm++" in text
+    for flag in ("--init-image", "--strength", "--mask", "--class-label", "--low-res-image"):
+        assert flag in text
