@@ -219,6 +219,21 @@ def test_jit_and_bf16_run_finite():
     assert diff < 0.1 * jnp.abs(out32.last_hidden_state).max()
 
 
+def test_causal_flag_controls_what_early_tokens_see():
+    """CLIP is causal (token 0 ignores later tokens); causal=False lets every token see all."""
+    ids = jnp.asarray(token_ids())
+    changed = ids.at[:, -1].set((ids[:, -1] + 1) % VOCAB)
+    for causal in (True, False):
+        model = CLIPTextTransformer(tiny_config(causal=causal))
+        params = model.init(jax.random.key(0), ids)["params"]
+
+        def first_token(i, model=model, params=params):
+            return model.apply({"params": params}, i).last_hidden_state[:, 0]
+
+        moved = float(jnp.abs(first_token(ids) - first_token(changed)).max())
+        assert (moved == 0.0) if causal else (moved > 1e-3), (causal, moved)
+
+
 def _reference_count(cfg: CLIPTextConfig) -> int:
     with torch.device("meta"):
         model = transformers.CLIPTextModel(hf_config(cfg))

@@ -20,6 +20,8 @@ def save_checkpoint(
     Writes are atomic: on any failure nothing is left at `destination`; an existing destination
     is an error unless `overwrite`.
     """
+    if format in ("diffusers", "compvis"):
+        _check_exportable_to_torch_tools(checkpoint, format)
     if format == "diffusers":
         from ldm_jax.checkpoints.export_diffusers import save_diffusers  # noqa: PLC0415
 
@@ -33,3 +35,15 @@ def save_checkpoint(
 
         return save_orbax(checkpoint, destination, overwrite=overwrite)
     raise ValueError(f"unknown export format {format!r}; allowed: {EXPORT_FORMATS}")
+
+
+def _check_exportable_to_torch_tools(checkpoint: LatentDiffusionCheckpoint, format: str) -> None:  # noqa: A002
+    """diffusers and CompVis run every CLIP text tower causally: a bidirectional one (trained
+    from scratch, see CLIPTextConfig.causal) would load there silently and compute another thing."""
+    cond = checkpoint.spec.cond_stage
+    if cond is not None and cond.kind in ("clip", "openclip") and not cond.config.causal:
+        raise ValueError(
+            f"cannot export to {format}: the text encoder is a bidirectional (causal=False) CLIP "
+            "transformer, which diffusers/CompVis would run with a causal mask; allowed: "
+            "format='orbax'"
+        )

@@ -41,6 +41,10 @@ class CLIPTextConfig:
     # Default output = final_layer_norm(hidden_states[-1 - skip_last_layers]) (HF numbering, where
     # hidden_states[0] is the embedding output); the skipped blocks are not computed.
     skip_last_layers: int = 0
+    # CLIP's text tower is causal. A text encoder trained from scratch with the UNet (the built-in
+    # default) may see the whole caption from every token instead, like the paper's BERT-like
+    # encoder: then "red" already knows whether it is "above" or "below" something.
+    causal: bool = True
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
@@ -106,7 +110,8 @@ def padding_mask_BNTS(attention_mask_BT, batch: int, tokens: int):
 
 
 class CLIPEncoderLayer(nn.Module):
-    """x + attn(ln1(x)) (causal), then x + fc2(act(fc1(ln2(x)))) — HF CLIPEncoderLayer."""
+    """x + attn(ln1(x)) (causal unless configured), then x + fc2(act(fc1(ln2(x)))) — HF
+    CLIPEncoderLayer."""
 
     config: CLIPTextConfig
     dtype: Dtype = jnp.float32
@@ -124,7 +129,7 @@ class CLIPEncoderLayer(nn.Module):
             name="attn",
         )
         y = LayerNorm(cfg.layer_norm_eps, self.dtype, name="norm1")(x_BTC)
-        x_BTC = x_BTC + attn(y, mask_BNTS=mask_BNTS, is_causal=True)
+        x_BTC = x_BTC + attn(y, mask_BNTS=mask_BNTS, is_causal=cfg.causal)
         y = LayerNorm(cfg.layer_norm_eps, self.dtype, name="norm2")(x_BTC)
         y = dense(cfg.mlp_dim, name="fc1", dtype=self.dtype)(y)
         y = ACTIVATIONS[cfg.activation](y)
