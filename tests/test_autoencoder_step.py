@@ -1,0 +1,172 @@
+"""The sharded autoencoder step on 8 fake CPU devices: reconstruction improves on a fixed batch,
+the adaptive weight equals a brute-force gradient through the whole model, resume is exact, and the
+trained weights are a first stage that exports in CompVis layout."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from ldm_jax.checkpoints.load import load_checkpoint
+from ldm_jax.checkpoints.spec import LatentDiffusionCheckpoint, ModelSpec
+from ldm_jax.models.autoencoder import AutoencoderConfig
+from ldm_jax.models.vq import VQConfig
+from ldm_jax.training import autoencoder_loss as L
+from ldm_jax.training import autoencoder_step as S
+from ldm_jax.training.checkpointing import Checkpointer
+from ldm_jax.training.discriminator import NLayerDiscriminator
+from ldm_jax.training.lpips import LPIPS
+from ldm_jax.training.sharding import batch_sharding, make_mesh
+
+SIZE = 16
+KL = AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=SIZE, z_channels=4,
+                       embed_dim=4)
+VQ = VQConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=SIZE, z_channels=4, embed_dim=4,
+              n_embed=32)
+
+
+def _adam():
+    return optax.adam(1e-3, b1=0.5, b2=0.9)
+
+
+def _setup(config, loss, lpips_params=None, ema=None):
+    mesh = make_mesh(("data", "fsdp", "tensor"), (1, -1, 1))
+    assert mesh.size == 8
+    model = S.build_autoencoder(config)
+    disc = NLayerDiscriminator(n_layers=loss.disc_num_layers, ndf=loss.disc_ndf)
+    init = S.init_state_fn(model, disc, loss, _adam(), _adam(), (SIZE, SIZE, 3), ema is not None)
+    state, shardings = S.create_state(init, mesh, rng=jax.random.key(0))
+    lpips = LPIPS() if loss.perceptual_weight > 0 else None
+    pure = S.make_train_step(model, disc, loss, _adam(), _adam(), ema_max_decay=ema, lpips=lpips)
+    step = S.ShardedTrainStep(pure, shardings, mesh, lpips_params)
+    x = np.random.default_rng(0).uniform(-1, 1, (8, SIZE, SIZE, 3)).astype(np.float32)
+    batch = {"image": jax.device_put(x, batch_sharding(mesh))}
+    return dict(mesh=mesh, model=model, disc=disc, state=state, shardings=shardings, step=step,
+                batch=batch, init=init, pure=pure)
+
+
+def _run(setup, state, n, first=0):
+    history = []
+    for i in range(first, first + n):
+        state, metrics = setup["step"](state, setup["batch"], jax.random.key(100 + i))
+        history.append(jax.device_get(metrics))
+    return state, history
+
+
+def _brute_force_d_weight(setup, state, loss, lpips_params, rng):
+    """jax.grad w.r.t. the decoder's conv_out kernel through the whole autoencoder (no capture)."""
+    model, disc, x = setup["model"], setup["disc"], setup["batch"]["image"]
+    params = state.params["autoencoder"]
+    sample_rng, _ = jax.random.split(rng)
+
+    def recon_of(kernel):
+        p = {**params, "decoder": {**params["decoder"],
+                                   "conv_out": {**params["decoder"]["conv_out"], "kernel": kernel}}}
+        return model.apply({"params": p}, x, sample_rng)[0]
+
+    def nll(kernel):
+        recon = recon_of(kernel)
+        p = LPIPS().apply({"params": lpips_params}, x, recon)
+        return L.nll_loss(loss, L.rec_loss(x, recon, p, loss.perceptual_weight), 0.0)
+
+    def g(kernel):
+        variables = {"params": state.disc_params, "batch_stats": state.disc_batch_stats}
+        logits, _ = disc.apply(variables, recon_of(kernel), mutable=["batch_stats"])
+        return L.generator_adversarial_loss(logits)
+
+    kernel = params["decoder"]["conv_out"]["kernel"]
+    return L.adaptive_weight(jax.grad(nll)(kernel), jax.grad(g)(kernel), loss.disc_weight)
+
+
+def test_kl_steps_with_lpips_and_gan(parity):
+    loss = L.AutoencoderLossConfig(kind="kl", disc_start=0, disc_num_layers=2, disc_ndf=16)
+    zeros = jnp.zeros((1, SIZE, SIZE, 3))
+    lpips_params = nn.meta.unbox(LPIPS().init(jax.random.key(1), zeros, zeros)["params"])
+    # the real heads are non-negative; random ones could make the distance negative
+    lpips_params = jax.tree.map(jnp.abs, lpips_params)
+    setup = _setup(KL, loss, lpips_params, ema=0.999)
+    state = setup["state"]
+    kernel_sharding = state.params["autoencoder"]["encoder"]["conv_in"]["kernel"].sharding
+    assert not kernel_sharding.is_fully_replicated  # fsdp-sharded over the 8 devices
+    expected = _brute_force_d_weight(setup, state, loss, lpips_params, jax.random.key(100))
+    before = jax.device_get(state.params)
+    state, history = _run(setup, state, 6)
+    parity("ae step adaptive weight vs full-model jax.grad", history[0]["d_weight"], expected)
+    first, last = history[0], history[-1]
+    for m in history:
+        assert all(np.isfinite(v) for v in m.values())
+        assert m["disc_factor"] == 1.0 and m["d_weight"] > 0 and m["p_loss"] > 0
+    assert last["l1_loss"] < 0.9 * first["l1_loss"] and last["psnr"] > first["psnr"] + 0.5
+    assert first["kl_loss"] > 0 and first["disc_loss"] > 0
+    assert int(state.step) == 6 and float(state.params["logvar"]) == 0.0  # logvar not learned
+    ema, params = (jax.device_get(t) for t in (state.ema_params, state.params["autoencoder"]))
+    get = lambda t: t["decoder"]["conv_out"]["kernel"]  # noqa: E731
+    assert not np.allclose(get(ema), get(params))
+    assert not np.allclose(get(ema), get(before["autoencoder"]))
+
+
+@pytest.fixture(scope="module")
+def vq_setup():
+    loss = L.AutoencoderLossConfig(kind="vq", disc_start=2, perceptual_weight=0.0,
+                                   disc_num_layers=2, disc_ndf=16, disc_weight=0.75)
+    return _setup(VQ, loss)
+
+
+def test_vq_steps_reduce_reconstruction_error(vq_setup):
+    state = S.create_state(vq_setup["init"], vq_setup["mesh"], rng=jax.random.key(0))[0]
+    state, history = _run(vq_setup, state, 6)
+    for m in history[:2]:  # before disc_start: no adversarial term, no discriminator loss
+        assert m["disc_factor"] == 0 and m["d_weight"] == 0 and m["disc_loss"] == 0
+    for m in history[2:]:
+        assert m["disc_factor"] == 1 and m["d_weight"] > 0 and m["disc_loss"] > 0
+    assert history[-1]["l1_loss"] < 0.9 * history[0]["l1_loss"]
+    for m in history:
+        assert 1.0 <= m["perplexity"] <= 32 and 0 < m["codebook_usage"] <= 1
+        assert m["quant_loss"] > 0 and "p_loss" not in m and "kl_loss" not in m
+
+
+def test_resume_is_exact(vq_setup, tmp_path):
+    state = S.create_state(vq_setup["init"], vq_setup["mesh"], rng=jax.random.key(0))[0]
+    state, _ = _run(vq_setup, state, 2)
+    checkpointer = Checkpointer(tmp_path / "ckpt", async_save=False)
+    checkpointer.save(2, state, {"position": 2}, {"trainer": "autoencoder"})
+    template = S.create_state(vq_setup["init"], vq_setup["mesh"], rng=jax.random.key(9))[0]
+    straight, history = _run(vq_setup, state, 2, first=2)
+    restored, data_state, _ = checkpointer.restore(2, template)
+    checkpointer.close()
+    assert data_state == {"position": 2} and int(restored.step) == 2
+    resumed, resumed_history = _run(vq_setup, restored, 2, first=2)
+    for a, b in zip(jax.tree.leaves(jax.device_get(straight)),
+                    jax.tree.leaves(jax.device_get(resumed)), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert history == resumed_history
+
+
+def test_trained_weights_are_a_first_stage_exportable_to_compvis(vq_setup, tmp_path):
+    state = S.create_state(vq_setup["init"], vq_setup["mesh"], rng=jax.random.key(0))[0]
+    state, _ = _run(vq_setup, state, 1)
+    params = jax.device_get(state.params["autoencoder"])
+    checkpoint = LatentDiffusionCheckpoint(ModelSpec(first_stage=VQ), {"first_stage": params})
+    path = checkpoint.save_pretrained(tmp_path / "vq.safetensors", format="compvis")
+    loaded = load_checkpoint(path)
+    assert loaded.spec.first_stage == VQ and loaded.spec.unet is None
+    for a, b in zip(jax.tree.leaves(loaded.params["first_stage"]), jax.tree.leaves(params),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+    x = vq_setup["batch"]["image"]
+    latents = vq_setup["model"].apply({"params": loaded.params["first_stage"]}, x, method="encode")
+    assert latents.shape == (8, SIZE // 2, SIZE // 2, 4)
+
+
+def test_bad_setups_are_clear_errors():
+    loss = L.AutoencoderLossConfig(kind="kl")
+    disc = NLayerDiscriminator()
+    with pytest.raises(ValueError, match="does not fit"):
+        S.make_train_step(S.build_autoencoder(VQ), disc, loss, _adam(), _adam(), lpips=LPIPS())
+    with pytest.raises(ValueError, match="LPIPS"):
+        S.make_train_step(S.build_autoencoder(KL), disc, loss, _adam(), _adam())
+    step = S.ShardedTrainStep(lambda s, b, r, p: (s, {}), None, make_mesh(("data",), (-1,)))
+    with pytest.raises(ValueError, match="'image'"):
+        step(None, {"latents": np.zeros((8, 2, 2, 4))}, None)
