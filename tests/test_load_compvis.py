@@ -99,6 +99,7 @@ def test_sd_inpainting_has_nine_input_channels_and_hybrid_conditioning(tmp_path)
     loaded = load_checkpoint(write_state_dict(tmp_path / "inpaint.ckpt", state_dict))
     assert loaded.spec.unet.in_channels == 9
     assert loaded.spec.diffusion.conditioning_key == "hybrid"
+    assert loaded.spec.diffusion.concat_input == "mask_and_masked_image"
     assert loaded.spec.diffusion.scale_factor == 0.25
 
 
@@ -282,6 +283,7 @@ def test_ldm_inpainting_yaml_concat_with_first_stage_conditioning(tmp_path):
             scale_factor=1.0,
             conditioning_key="concat",
             latent_size=8,
+            concat_input="masked_image_and_mask",
         ),
     )
     params = random_params(spec)

@@ -51,7 +51,7 @@ def test_stable_diffusion_folder_matches_diffusers(sd_folder, parity):
     assert spec.cond_stage.kind == "clip" and spec.cond_stage.config.num_heads == 2
     assert spec.unet.num_heads == 8 and spec.unet.context_dim == TEXT_WIDTH
     assert dataclasses.astuple(spec.diffusion) == (
-        1000, "scaled_linear", 0.00085, 0.012, "v_prediction", 0.13025, "crossattn", 8
+        1000, "scaled_linear", 0.00085, 0.012, "v_prediction", 0.13025, "crossattn", 8, None
     )  # fmt: skip
     assert isinstance(checkpoint.tokenizer, CLIPTokenizer)
     assert checkpoint.tokenizer(["a photo"]).shape == (1, 77)
