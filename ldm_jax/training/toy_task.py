@@ -83,7 +83,7 @@ class ToyRegressionTask:
             ema = update_ema(state.ema_params, params, ema_decay(step, ema_max))
             new_state = state.replace(step=step, params=params, opt_state=opt_state,
                                       ema_params=ema)
-            metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+            metrics = {"loss": loss, "grad_norm": _norm(grads),
                        "learning_rate": self.schedule(state.step)}
             return new_state, metrics
 
@@ -120,6 +120,10 @@ class ToyRegressionTask:
         scaled = (w - w.min()) / max(float(w.max() - w.min()), 1e-12)
         grey = (scaled * 255).astype(np.uint8)
         return np.repeat(np.kron(grey, np.ones((4, 4), np.uint8))[..., None], 3, axis=-1)
+
+
+def _norm(tree):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(tree)))
 
 
 def make_task(config) -> ToyRegressionTask:
