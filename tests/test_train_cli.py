@@ -103,3 +103,15 @@ def test_bad_input_and_nan_exit_codes(tmp_path, capsys, override, status, messag
     assert err[-1].startswith("error: ") and message in err[-1]
     if status == 1:  # checkpoint 3 was written, 5 (NaN) and 6 never
         assert Checkpointer(tmp_path / "checkpoints").all_steps() == [3]
+
+
+def test_missing_dataset_is_one_line_exit_2(tmp_path, capsys):
+    """The LDM task with a dataset that is not there: reported before anything compiles."""
+    (tmp_path / "data").mkdir()
+    argv = ["train.py", "--config", str(ROOT / "configs" / "ldm_tiny.py"), "--workdir",
+            str(tmp_path / "run"), "--config.data.source=tfds", "--config.data.name=my_images",
+            f"--config.data.data_dir={tmp_path / 'data'}", "--config.train.progress_bar=False"]
+    assert train_main()(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "my_images" in err[-1]
+    assert not (tmp_path / "run").exists()  # nothing written

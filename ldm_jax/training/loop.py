@@ -122,6 +122,10 @@ def run(config, workdir, task, *, stream=None) -> RunResult:
     """Train `task` for config.train.num_steps steps in `workdir`, resuming from its checkpoints."""
     train = config.train
     workdir = Path(workdir).absolute()
+    try:  # the data first: a missing dataset is reported before anything is written or compiled
+        batches = task.make_iterator()
+    except (ValueError, FileNotFoundError, NotADirectoryError) as error:
+        raise SetupError(str(error)) from error
     workdir.mkdir(parents=True, exist_ok=True)
     save_config(config, workdir)
     main = jax.process_index() == 0
@@ -138,7 +142,6 @@ def run(config, workdir, task, *, stream=None) -> RunResult:
 
     try:
         state = task.init_state(init_rng)
-        batches = task.make_iterator()
     except (ValueError, FileNotFoundError, NotADirectoryError) as error:
         checkpointer.close()
         writer.close()
