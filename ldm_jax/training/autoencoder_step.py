@@ -280,5 +280,24 @@ class ShardedTrainStep:
     def __call__(self, state, batch, rng):
         return self._jitted(state, self._batch(batch), rng, self.lpips_params)
 
-    def lower(self, state, batch, rng):
-        return self._jitted.lower(state, self._batch(batch), rng, self.lpips_params)
+    def lower(self, state, batch, rng) -> "_BoundLowered":
+        """AOT lowering; `.compile()` gives a (state, batch, rng) callable with cost_analysis."""
+        lowered = self._jitted.lower(state, self._batch(batch), rng, self.lpips_params)
+        return _BoundLowered(lowered, self.lpips_params)
+
+
+class _BoundLowered:
+    def __init__(self, lowered, lpips_params):
+        self.lowered, self.lpips_params = lowered, lpips_params
+
+    def compile(self) -> "_BoundCompiled":
+        return _BoundCompiled(self.lowered.compile(), self.lpips_params)
+
+
+class _BoundCompiled:
+    def __init__(self, compiled, lpips_params):
+        self.compiled, self.lpips_params = compiled, lpips_params
+        self.cost_analysis = compiled.cost_analysis
+
+    def __call__(self, state, batch, rng):
+        return self.compiled(state, ShardedTrainStep._batch(batch), rng, self.lpips_params)
