@@ -17,10 +17,11 @@ pipe("a watercolour of a cat", image=images[0], strength=0.75)  # image-to-image
 Performance: text encoding, the whole sampler loop (one ``lax.scan``) and the VAE decode run as ONE
 jitted pure function whose network parameters are arguments (swapping weights of the same shapes
 does not recompile; nothing is constant-folded). Prompts are always tokenized to the encoder's full
-length (77), so new prompts reuse the compiled function; a new batch size, image size, step count,
-sampler, eta or output kind compiles once more. The guidance scale is a traced value. The batch is
-sharded over all local devices (``NamedSharding`` over a 1-D ``Mesh(("data",))``) when it divides
-the device count, else every array is replicated.
+length (77), so new prompts, class labels, init images and masks reuse the compiled function; a
+new batch size, image size, step count (or img2img step count ``int(N * strength)``), sampler, eta
+or output kind compiles once more. The guidance scale is a traced value. The batch (noise, tokens,
+labels, images, masks) is sharded over all local devices (``NamedSharding`` over a 1-D
+``Mesh(("data",))``) when it divides the device count, else every array is replicated.
 
 Compilation of a full-size model takes tens of seconds; JAX's persistent compilation cache keeps
 compiled executables on disk across processes: ``enable_compilation_cache("~/.cache/ldm_jax")`` (or

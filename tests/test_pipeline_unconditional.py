@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny_pipelines import ldm_pipeline, ldm_super_resolution_pipeline, torch_noise
 
-from ldm_jax.pipeline import LatentDiffusionPipeline
+from ldm_jax.pipeline import LatentDiffusionPipeline, sampler_iterations
 
 PIXEL_BAR = 2 / 255
 
@@ -37,9 +37,13 @@ def test_unconditional_matches_diffusers_ldm_pipeline(tmp_path, parity):
         pipe(batch_size=0)
     with pytest.raises(ValueError, match="mask_image does not apply"):
         pipe(mask_image=np.zeros((16, 16), np.uint8))
-    # image-to-image works for unconditional models too
+    # image-to-image works for unconditional models too; images are sharded with the batch
     image = np.full((16, 16, 3), 128, np.uint8)
-    assert pipe(image=image, strength=0.5, num_inference_steps=2).shape == (1, 16, 16, 3)
+    seen = []
+    images = pipe(batch_size=8, image=image, strength=0.5, num_inference_steps=6, sampler="plms",
+                  callback=lambda i, x: seen.append(i))  # fmt: skip
+    assert images.shape == (8, 16, 16, 3) and pipe._batch_sharding(8).spec == ("data",)
+    assert len(seen) == sampler_iterations("plms", 6, 0.5) == 4  # 3 steps + PLMS's warm-up
 
 
 def test_super_resolution_matches_diffusers(tmp_path, parity):
