@@ -99,6 +99,10 @@ class GlobalBatches:
     def set_state(self, state):
         self.local_batches.set_state(state)
 
+    def close(self):
+        if hasattr(self.local_batches, "close"):
+            self.local_batches.close()
+
 
 class _BoundStep:
     """train_step(state, batch, rng) over the jitted (state, frozen, batch, rng) step: the frozen

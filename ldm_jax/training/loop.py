@@ -145,6 +145,8 @@ def run(config, workdir, task, *, stream=None) -> RunResult:
     except (ValueError, FileNotFoundError, NotADirectoryError) as error:
         checkpointer.close()
         writer.close()
+        if hasattr(batches, "close"):
+            batches.close()
         raise SetupError(str(error)) from error
     start = 0
     restored = checkpointer.restore_latest(state)
@@ -233,6 +235,8 @@ def run(config, workdir, task, *, stream=None) -> RunResult:
         bar.close()
         checkpointer.close()
         writer.close()
+        if hasattr(batches, "close"):  # grain prefetch threads / worker processes
+            batches.close()
 
 
 def _debug_hooks(debug, step: int, checkpointer: Checkpointer) -> None:
