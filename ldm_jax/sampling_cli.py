@@ -109,12 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="image-to-image noise strength in (0, 1] (default 0.75): the last int(steps * "
         "strength) steps are run; SD inpainting: below 1 starts from the noised image",
     )
-    tasks.add_argument(
-        "--mask", metavar="PATH", help="inpainting mask, the --init-image's size: white = repaint"
-    )
-    tasks.add_argument(
-        "--class-label", type=int, metavar="N", help="class-conditional models (cin256): class id"
-    )
+    tasks.add_argument("--mask", metavar="PATH", help="inpainting mask (white = repaint)")
+    tasks.add_argument("--class-label", type=int, metavar="N", help="class id (cin256 models)")
     tasks.add_argument(
         "--low-res-image",
         metavar="PATH",
@@ -222,13 +218,10 @@ def check_task_flags(args, task) -> None:
     sd_inpainting = task.concat == "mask_and_masked_image"
     if args.strength is not None and not (task.takes_init_image or sd_inpainting):
         raise UsageError(f"--strength does not apply: {what}")
-    super_resolution = task.concat == "low_res_image"
-    if super_resolution != (args.low_res_image is not None):
-        raise UsageError(
-            f"--low-res-image is required: {what}"
-            if super_resolution
-            else f"--low-res-image needs a super-resolution checkpoint: {what}"
-        )
+    if task.concat == "low_res_image" and args.low_res_image is None:
+        raise UsageError(f"--low-res-image is required: {what}")
+    if task.concat != "low_res_image" and args.low_res_image is not None:
+        raise UsageError(f"--low-res-image needs a super-resolution checkpoint: {what}")
 
 
 def task_inputs(args, task) -> dict:
@@ -251,6 +244,20 @@ def task_inputs(args, task) -> dict:
     if args.low_res_image is not None:
         kwargs["low_res_image"] = _open_image(args.low_res_image, "--low-res-image", "RGB")
     return kwargs
+
+
+def _flag_names(message: str) -> str:
+    """The pipeline's argument names in an error message, as the flags that set them."""
+    message = message.replace("guidance_scale=1", "--guidance 1")
+    message = message.replace("guidance_scale ", "--guidance ")
+    for argument, flag in (
+        ("mask_image", "--mask"),
+        ("low_res_image", "--low-res-image"),
+        ("image", "--init-image"),
+    ):
+        if message.startswith(argument + " "):
+            return flag + message[len(argument) :]
+    return message
 
 
 def _open_image(path: str, flag: str, mode: str):
@@ -348,7 +355,7 @@ def _sample(args) -> int:
                 **kwargs,
             )
         except ValueError as error:
-            raise UsageError(str(error)) from error
+            raise UsageError(_flag_names(str(error))) from error
 
     metadata = {
         key: getattr(args, key)

@@ -5,6 +5,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
+from jax.sharding import PartitionSpec
 from tiny_pipelines import ldm_pipeline, ldm_super_resolution_pipeline, torch_noise
 
 from ldm_jax.pipeline import LatentDiffusionPipeline, sampler_iterations
@@ -42,7 +43,7 @@ def test_unconditional_matches_diffusers_ldm_pipeline(tmp_path, parity):
     seen = []
     images = pipe(batch_size=8, image=image, strength=0.5, num_inference_steps=6, sampler="plms",
                   callback=lambda i, x: seen.append(i))  # fmt: skip
-    assert images.shape == (8, 16, 16, 3) and pipe._batch_sharding(8).spec == ("data",)
+    assert images.shape == (8, 16, 16, 3) and pipe._batch_sharding(8).spec == PartitionSpec("data")
     assert len(seen) == sampler_iterations("plms", 6, 0.5) == 4  # 3 steps + PLMS's warm-up
 
 

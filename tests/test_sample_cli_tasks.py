@@ -59,7 +59,7 @@ BAD = {
     "strength leaves no step": ("sd", ["--init-image", "image.png", "--strength", "0.1"],
                                 "leaves no denoising step"),
     "init image size": ("sd", ["--init-image", "image.png", "--height", "24"],
-                        "image is 16x16 pixels (width x height) but 16x24 is needed"),
+                        "--init-image is 16x16 pixels (width x height) but 16x24 is needed"),
     "unreadable image": ("sd", ["--init-image", "broken.png"], "is not a readable image"),
     "mask on a text-to-image model": ("sd", ["--init-image", "image.png", "--mask", "mask.png"],
                                       "--mask needs an inpainting checkpoint"),
@@ -70,7 +70,7 @@ BAD = {
     "inpainting without mask": ("inpaint", ["--init-image", "image.png"],
                                 "--init-image and --mask are required"),
     "mask size mismatch": ("inpaint", ["--init-image", "image.png", "--mask", "small_mask.png"],
-                           "mask_image is 16x8 pixels"),
+                           "--mask is 16x8 pixels"),
     "prompt on an unconditional model": ("ldm", [], "--prompt/--negative-prompt do not apply"),
 }  # fmt: skip
 
