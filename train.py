@@ -1,6 +1,7 @@
 """Train a latent diffusion model (or its autoencoder) from a config file.
 
     python train.py --config configs/<experiment>.py --workdir runs/x [--config.key=value ...]
+    python train.py      # no --config: the built-in default (configs/default.py, runs/default)
 
 The same command runs on one CPU, one GPU, or every host of a TPU pod (set config.distributed.* or
 config.distributed.auto on pods). A --workdir holding checkpoints resumes. Exit status: 0 done or
@@ -11,9 +12,11 @@ preempted (SIGTERM: the step is finished and saved), 1 NaN/Inf loss (that state 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 EXIT_NON_FINITE = 1
 EXIT_BAD_INPUT = 2
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.py"
 
 
 def _error(message: str, status: int) -> int:
@@ -28,8 +31,9 @@ def main(argv: list[str]) -> int:
     from ldm_jax.training import config_overrides  # noqa: PLC0415
 
     path, arg = config_overrides.config_path_and_arg(argv[1:])
-    if path is None:
-        return _error("missing --config configs/<experiment>.py", EXIT_BAD_INPUT)
+    if path is None:  # `python train.py`: the built-in default run (configs/default.py)
+        path = str(DEFAULT_CONFIG)
+        argv = [argv[0], f"--config={path}", *argv[1:]]
     try:
         config_overrides.check_override_keys(
             config_overrides.load_config(path, arg), config_overrides.override_keys(argv[1:])
@@ -60,7 +64,8 @@ def main(argv: list[str]) -> int:
     except (ValueError, FileNotFoundError, NotADirectoryError) as error:
         return _error(str(error), EXIT_BAD_INPUT)
     try:
-        result = loop.run(config, workdir, task)
+        # a multi-stage task (config.trainer "default") runs its own loops
+        result = task.run(workdir) if hasattr(task, "run") else loop.run(config, workdir, task)
     except loop.SetupError as error:
         return _error(str(error), EXIT_BAD_INPUT)
     except loop.NonFiniteLossError as error:

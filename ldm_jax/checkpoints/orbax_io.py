@@ -96,6 +96,8 @@ def _tokenizer(folder: Path, spec) -> Any:
         return None
     from ldm_jax.tokenizers import BertTokenizer, CLIPTokenizer  # noqa: PLC0415
 
+    # the text encoder's context length, not the tokenizer's default (77)
+    length = spec.cond_stage.config.max_length
     if spec.cond_stage.kind == "ldm_bert":
-        return BertTokenizer.from_folder(folder)
-    return CLIPTokenizer.from_folder(folder)
+        return BertTokenizer.from_folder(folder, max_length=length)
+    return CLIPTokenizer.from_folder(folder, max_length=length)
