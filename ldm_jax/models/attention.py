@@ -29,6 +29,8 @@ def dot_product_attention(
     """softmax(q k^T / sqrt(head_dim)) v for [batch, tokens, heads, head_dim] inputs.
 
     The XLA path always forms the logits and the softmax in fp32 whatever the input dtype.
+    "cudnn" falls back to XLA for an odd number of keys (a text context of 77 tokens), which
+    cuDNN's fused kernel cannot differentiate.
     `upcast=True` additionally casts q and k to fp32 before the product (CompVis' ATTN_PRECISION
     "fp32", which keeps fp16 SD2 models from overflowing). `mask_BNTS` is boolean, True = attend.
     """
@@ -38,6 +40,11 @@ def dot_product_attention(
             f"allowed: {ATTENTION_IMPLEMENTATIONS}"
         )
     out_dtype = v_BSNH.dtype
+    if implementation == "cudnn" and k_BSNH.shape[1] % 2:
+        # jax's cuDNN path refuses to differentiate odd key lengths ("Unsupported sequence
+        # length Q 1024, KV 77" on an H200, jax 0.11.2: SD's 77-token cross-attention).
+        # Those logits are small ([B, N, T, 77]); the large self-attention still uses cuDNN.
+        implementation = "xla"
     if upcast and implementation != "cudnn":
         q_BTNH, k_BSNH, v_BSNH = (t.astype(jnp.float32) for t in (q_BTNH, k_BSNH, v_BSNH))
     out_BTNH = jax.nn.dot_product_attention(

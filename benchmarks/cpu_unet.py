@@ -1,0 +1,183 @@
+"""CPU: ldm_jax's UNet forward against diffusers PyTorch's UNet2DConditionModel (fp32).
+
+Stable Diffusion 1.5's UNet (preset "sd-v1", random weights) on [B, 64, 64, 4] latents with a
+[B, 77, 768] context, the work of one sampling step at 512x512 without guidance (B=2: one guided
+image). Each side runs in a fresh process (the two thread pools never compete), pinned to the same
+threads; each does one warm-up call, then --repeats timed calls (median). Ours' first call
+(trace + compile + run) is reported separately. XLA CPU flags are passed with --xla-flags.
+
+    python benchmarks/cpu_unet.py                                   # both sides, SD 1.5 shapes
+    python benchmarks/cpu_unet.py --side jax --xla-flags "--xla_cpu_use_onednn=true"
+    python benchmarks/cpu_unet.py --model tiny                      # a quick check of the script
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+WEIGHT_SCALE = 0.02
+
+
+def unet_config(model: str):
+    from ldm_jax.models.unet import UNetConfig
+    from ldm_jax.presets.unets import UNET_PRESETS
+
+    if model == "sd15":
+        return UNET_PRESETS["sd-v1"]
+    return UNetConfig(
+        in_channels=4,
+        out_channels=4,
+        model_channels=32,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(1, 2),
+        num_heads=2,
+        use_spatial_transformer=True,
+        context_dim=64,
+        legacy=False,
+    )
+
+
+def measure_jax(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ldm_jax.models.params import abstract_params
+    from ldm_jax.models.unet import UNet
+
+    config = unet_config(args.model)
+    impl = None if args.attention == "default" else args.attention
+    unet = UNet(config, attention_implementation=impl)
+    b, s = args.batch, args.latent
+    x = jnp.zeros((b, s, s, 4), jnp.float32)
+    ctx = jnp.zeros((b, 77, config.context_dim), jnp.float32)
+    t = jnp.full((b,), 500, jnp.int32)
+    abstract = abstract_params(unet, x[:1], t[:1], ctx[:1])
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(
+        lambda a: WEIGHT_SCALE * rng.standard_normal(a.shape, dtype=np.float32), abstract
+    )
+    x = jnp.asarray(rng.standard_normal(x.shape, dtype=np.float32))
+    ctx = jnp.asarray(rng.standard_normal(ctx.shape, dtype=np.float32))
+    fwd = jax.jit(lambda p, x, t, c: unet.apply({"params": p}, x, t, c))
+    start = time.perf_counter()
+    lowered = fwd.lower(params, x, t, ctx)
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start
+    flops = (lowered.cost_analysis() or {}).get("flops")
+    times = []
+    for _ in range(args.repeats + 1):  # the first call warms up
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(params, x, t, ctx))
+        times.append(time.perf_counter() - start)
+    return {
+        "compile_s": compile_s,
+        "times": times[1:],
+        "warmup_s": times[0],
+        "gflops": None if flops is None else flops / 1e9,
+        "versions": f"jax {jax.__version__}",
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "attention": args.attention,
+    }
+
+
+def measure_torch(args) -> dict:
+    import diffusers
+    import torch
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from ldm_jax.checkpoints.diffusers_unet import diffusers_unet_config
+
+    config = unet_config(args.model)
+    _, kwargs = diffusers_unet_config(config)
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(**kwargs).eval()
+    unet.set_attn_processor(AttnProcessor2_0())  # SDPA
+    b, s = args.batch, args.latent
+    x = torch.randn(b, 4, s, s)
+    ctx = torch.randn(b, 77, config.context_dim)
+    t = torch.full((b,), 500)
+    times = []
+    with torch.inference_mode():
+        for _ in range(args.repeats + 1):
+            start = time.perf_counter()
+            unet(x, t, encoder_hidden_states=ctx)
+            times.append(time.perf_counter() - start)
+    return {
+        "times": times[1:],
+        "warmup_s": times[0],
+        "versions": f"torch {torch.__version__}, diffusers {diffusers.__version__}",
+        "threads": torch.get_num_threads(),
+    }
+
+
+def run_side(side: str, args) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--measure", side]
+    for name in ("model", "batch", "latent", "repeats", "attention"):
+        command += [f"--{name}", str(getattr(args, name))]
+    env = dict(os.environ)
+    if side == "jax" and args.xla_flags:
+        env["XLA_FLAGS"] = args.xla_flags
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode:
+        sys.stderr.write(done.stdout + done.stderr)
+        raise SystemExit(f"the {side} measurement failed (exit {done.returncode})")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("sd15", "tiny"), default="sd15")
+    parser.add_argument("--side", choices=("both", "jax", "torch"), default="both")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--latent", type=int, default=64, help="latent height = width")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--attention", default="default", help="ours' attention implementation (default: JAX's)"
+    )
+    parser.add_argument("--xla-flags", default="", help="XLA_FLAGS for ours' process")
+    parser.add_argument("--measure", choices=("jax", "torch"), help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.measure:
+        measure = measure_jax if args.measure == "jax" else measure_torch
+        print(json.dumps(measure(args)))
+        return
+    sides = ("jax", "torch") if args.side == "both" else (args.side,)
+    print(
+        f"UNet {args.model}, batch {args.batch}, {args.latent}x{args.latent} latents, fp32, "
+        f"median of {args.repeats} calls after one warm-up; load average before: "
+        f"{os.getloadavg()[0]:.1f}"
+    )
+    rows = {}
+    for side in sides:
+        rows[side] = run_side(side, args)
+        r = rows[side]
+        extra = ""
+        if side == "jax":
+            extra = (
+                f", compile {r['compile_s']:.1f} s, {r['gflops']:.0f} GFLOP, attention "
+                f"{r['attention']}, XLA_FLAGS={r['xla_flags']!r}"
+            )
+        print(
+            f"{side}: {statistics.median(r['times']):.2f} s per forward "
+            f"(calls {', '.join(f'{t:.2f}' for t in r['times'])}; warm-up {r['warmup_s']:.2f})"
+            f"{extra}; {r['versions']}; load average {os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
+    if len(rows) == 2:
+        ratio = statistics.median(rows["jax"]["times"]) / statistics.median(rows["torch"]["times"])
+        print(f"ours / torch seconds: {ratio:.2f} (< 1: ours faster)")
+
+
+if __name__ == "__main__":
+    main()
