@@ -6,10 +6,11 @@ reconstructions of the generator pass (CompVis recomputes them with the just-upd
 reusing them saves a forward pass and lags the discriminator's fakes by one update).
 
 The adaptive weight needs |grad| of nll and of the adversarial term w.r.t. the decoder's conv_out
-kernel. Rather than two more backward passes through the autoencoder, the step captures conv_out's
-input (silu(norm_out(...)), see models/autoencoder.py `_output_head`) and differentiates only that
-conv; the full backward pass runs once, with cotangents (1, d_weight * disc_factor) on
-(nll + regulariser, g_loss).
+kernel. The step runs the autoencoder forward once (jax.vjp), then LPIPS and the discriminator as
+functions of the reconstruction; their cotangents d nll/d x_hat and d g/d x_hat go through conv_out
+alone (its input silu(norm_out(...)) is captured, see models/autoencoder.py `_output_head`) for
+the weight, and the autoencoder's backward pass runs once, with d nll/d x_hat + d_weight *
+disc_factor * d g/d x_hat. Before disc_start the adversarial backward pass is skipped.
 """
 
 from collections.abc import Callable
@@ -151,11 +152,7 @@ def make_train_step(
                 mutable=["batch_stats"],
             )
 
-        def generator(gen_params):
-            logvar = gen_params["logvar"]
-            if not cfg.learn_logvar:
-                logvar = jax.lax.stop_gradient(logvar)
-            variables = {"params": gen_params["autoencoder"]}
+        def reconstruct(ae_params):
             kwargs = dict(
                 deterministic=not dropout,
                 rngs={"dropout": dropout_rng},
@@ -163,11 +160,12 @@ def make_train_step(
                 mutable=["intermediates"],
             )
             if cfg.kind == "kl":
-                (recon, posterior), inter = model.apply(variables, x, sample_rng, **kwargs)
+                (recon, posterior), inter = model.apply({"params": ae_params}, x, sample_rng,
+                                                        **kwargs)
                 regulariser = jnp.sum(posterior.kl()) / x.shape[0]
                 extras = {"kl_loss": regulariser}
             else:
-                (recon, quantized), inter = model.apply(variables, x, **kwargs)
+                (recon, quantized), inter = model.apply({"params": ae_params}, x, **kwargs)
                 regulariser = quantized.loss
                 used = jnp.bincount(quantized.indices.ravel(), length=model.config.n_embed) > 0
                 extras = {
@@ -175,34 +173,46 @@ def make_train_step(
                     "perplexity": quantized.perplexity,
                     "codebook_usage": jnp.mean(used.astype(jnp.float32)),
                 }
-            recon = recon.astype(jnp.float32)
+            h = nn.silu(inter["intermediates"]["decoder"]["norm_out"]["__call__"][0])
+            return (recon.astype(jnp.float32), regulariser), dict(h=h, **extras)
+
+        def recon_losses(recon, logvar):
             nll, p = nll_of(recon, logvar)
             logits_fake, stats = disc_logits(recon, state.disc_batch_stats)
-            g_loss = L.generator_adversarial_loss(logits_fake)
-            weight = cfg.codebook_weight if cfg.kind == "vq" else cfg.kl_weight
-            h = nn.silu(inter["intermediates"]["decoder"]["norm_out"]["__call__"][0])
-            aux = dict(recon=recon, h=h, nll=nll, logvar=logvar, p=p, stats=stats, **extras)
-            return (nll + weight * regulariser, g_loss), aux
+            return (nll, L.generator_adversarial_loss(logits_fake)), dict(p=p, stats=stats)
 
-        (weighted, g_loss), backward, aux = jax.vjp(generator, state.params, has_aux=True)
-        recon = jax.lax.stop_gradient(aux["recon"])
+        # autoencoder forward once; LPIPS and discriminator seen as functions of the recon
+        (recon, regulariser), ae_backward, extras = jax.vjp(
+            reconstruct, state.params["autoencoder"], has_aux=True
+        )
+        logvar = state.params["logvar"]
+        (nll, g_loss), losses_backward, aux = jax.vjp(recon_losses, recon, logvar, has_aux=True)
+        one, zero = jnp.ones((), jnp.float32), jnp.zeros((), jnp.float32)
+        d_nll, d_logvar = losses_backward((one, zero))
 
         def adaptive_weight():
             kernel = state.params["autoencoder"]["decoder"]["conv_out"]["kernel"]
             bias = state.params["autoencoder"]["decoder"]["conv_out"]["bias"]
-            h = jax.lax.stop_gradient(aux["h"])
             head = lambda k: _conv_out(model).apply(  # noqa: E731
-                {"params": {"kernel": k, "bias": bias}}, h
+                {"params": {"kernel": k, "bias": bias}}, extras["h"]
             ).astype(jnp.float32)
             _, kernel_vjp = jax.vjp(head, kernel)
-            d_nll = jax.grad(lambda r: nll_of(r, jax.lax.stop_gradient(aux["logvar"]))[0])(recon)
-            d_g = jax.grad(
-                lambda r: L.generator_adversarial_loss(disc_logits(r, state.disc_batch_stats)[0])
-            )(recon)
-            return L.adaptive_weight(kernel_vjp(d_nll)[0], kernel_vjp(d_g)[0], cfg.disc_weight)
+            d_g, _ = losses_backward((zero, one))
+            ratio = L.adaptive_weight(kernel_vjp(d_nll)[0], kernel_vjp(d_g)[0], cfg.disc_weight)
+            return ratio, d_g
 
-        d_weight = jax.lax.cond(factor > 0, adaptive_weight, lambda: jnp.zeros((), jnp.float32))
-        (grads,) = backward((jnp.ones((), jnp.float32), d_weight * factor))
+        # before disc_start the adversarial term has weight 0: skip its backward pass
+        d_weight, d_g = jax.lax.cond(
+            factor > 0, adaptive_weight, lambda: (zero, jnp.zeros_like(recon))
+        )
+        weight = cfg.codebook_weight if cfg.kind == "vq" else cfg.kl_weight
+        (ae_grads,) = ae_backward((d_nll + (d_weight * factor) * d_g, weight * one))
+        grads = {
+            "autoencoder": ae_grads,
+            "logvar": d_logvar if cfg.learn_logvar else jnp.zeros_like(d_logvar),
+        }
+        weighted = nll + weight * regulariser
+        aux = dict(nll=nll, logvar=logvar, **aux, **extras)
         updates, opt_state = gen_tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
 
@@ -219,6 +229,8 @@ def make_train_step(
         d_updates, disc_opt_state = disc_tx.update(d_grads, state.disc_opt_state, state.disc_params)
         ema = state.ema_params
         if ema is not None:
+            if ema_max_decay is None:
+                raise ValueError("the state keeps an EMA (use_ema=True): pass ema_max_decay")
             ema = update_ema(ema, params["autoencoder"], ema_decay(step + 1, ema_max_decay))
         new_state = AutoencoderTrainState(
             step=step + 1,
