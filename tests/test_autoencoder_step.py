@@ -2,6 +2,9 @@
 the adaptive weight equals a brute-force gradient through the whole model, resume is exact, and the
 trained weights are a first stage that exports in CompVis layout."""
 
+import io
+from pathlib import Path
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,14 +13,18 @@ import optax
 import pytest
 
 from ldm_jax.checkpoints.load import load_checkpoint
-from ldm_jax.checkpoints.spec import LatentDiffusionCheckpoint, ModelSpec
+from ldm_jax.checkpoints.spec import LatentDiffusionCheckpoint, ModelSpec, spec_to_dict
 from ldm_jax.models.autoencoder import AutoencoderConfig
 from ldm_jax.models.vq import VQConfig
+from ldm_jax.presets.autoencoders import AUTOENCODER_PRESETS
 from ldm_jax.training import autoencoder_loss as L
 from ldm_jax.training import autoencoder_step as S
+from ldm_jax.training import loop
+from ldm_jax.training.autoencoder_task import PUBLISHED_LOSSES, make_task
 from ldm_jax.training.checkpointing import Checkpointer
 from ldm_jax.training.discriminator import NLayerDiscriminator
 from ldm_jax.training.lpips import LPIPS
+from ldm_jax.training.lpips_weights import LPIPSWeightsError
 from ldm_jax.training.sharding import batch_sharding, make_mesh
 
 SIZE = 16
@@ -44,7 +51,12 @@ def _setup(config, loss, lpips_params=None, ema=None):
     x = np.random.default_rng(0).uniform(-1, 1, (8, SIZE, SIZE, 3)).astype(np.float32)
     batch = {"image": jax.device_put(x, batch_sharding(mesh))}
     return dict(mesh=mesh, model=model, disc=disc, state=state, shardings=shardings, step=step,
-                batch=batch, init=init, pure=pure)
+                batch=batch, init=init, pure=pure, loss=loss, initial=jax.device_get(state))
+
+
+def _fresh(setup):
+    """The step-0 state again, placed with its shardings (the step donates its input)."""
+    return jax.device_put(setup["initial"], setup["shardings"])
 
 
 def _run(setup, state, n, first=0):
@@ -55,21 +67,20 @@ def _run(setup, state, n, first=0):
     return state, history
 
 
-def _brute_force_d_weight(setup, state, loss, lpips_params, rng):
+def _brute_force_d_weight(setup, state, loss, rng):
     """jax.grad w.r.t. the decoder's conv_out kernel through the whole autoencoder (no capture)."""
     model, disc, x = setup["model"], setup["disc"], setup["batch"]["image"]
     params = state.params["autoencoder"]
     sample_rng, _ = jax.random.split(rng)
 
     def recon_of(kernel):
-        p = {**params, "decoder": {**params["decoder"],
-                                   "conv_out": {**params["decoder"]["conv_out"], "kernel": kernel}}}
-        return model.apply({"params": p}, x, sample_rng)[0]
+        conv_out = {**params["decoder"]["conv_out"], "kernel": kernel}
+        p = {**params, "decoder": {**params["decoder"], "conv_out": conv_out}}
+        args = (sample_rng,) if loss.kind == "kl" else ()
+        return model.apply({"params": p}, x, *args)[0]
 
     def nll(kernel):
-        recon = recon_of(kernel)
-        p = LPIPS().apply({"params": lpips_params}, x, recon)
-        return L.nll_loss(loss, L.rec_loss(x, recon, p, loss.perceptual_weight), 0.0)
+        return L.nll_loss(loss, L.rec_loss(x, recon_of(kernel), None, 0.0), 0.0)
 
     def g(kernel):
         variables = {"params": state.disc_params, "batch_stats": state.disc_batch_stats}
@@ -80,7 +91,7 @@ def _brute_force_d_weight(setup, state, loss, lpips_params, rng):
     return L.adaptive_weight(jax.grad(nll)(kernel), jax.grad(g)(kernel), loss.disc_weight)
 
 
-def test_kl_steps_with_lpips_and_gan(parity):
+def test_kl_steps_with_lpips_and_gan():
     loss = L.AutoencoderLossConfig(kind="kl", disc_start=0, disc_num_layers=2, disc_ndf=16)
     zeros = jnp.zeros((1, SIZE, SIZE, 3))
     lpips_params = nn.meta.unbox(LPIPS().init(jax.random.key(1), zeros, zeros)["params"])
@@ -90,10 +101,8 @@ def test_kl_steps_with_lpips_and_gan(parity):
     state = setup["state"]
     kernel_sharding = state.params["autoencoder"]["encoder"]["conv_in"]["kernel"].sharding
     assert not kernel_sharding.is_fully_replicated  # fsdp-sharded over the 8 devices
-    expected = _brute_force_d_weight(setup, state, loss, lpips_params, jax.random.key(100))
     before = jax.device_get(state.params)
     state, history = _run(setup, state, 6)
-    parity("ae step adaptive weight vs full-model jax.grad", history[0]["d_weight"], expected)
     first, last = history[0], history[-1]
     for m in history:
         assert all(np.isfinite(v) for v in m.values())
@@ -114,9 +123,14 @@ def vq_setup():
     return _setup(VQ, loss)
 
 
-def test_vq_steps_reduce_reconstruction_error(vq_setup):
-    state = S.create_state(vq_setup["init"], vq_setup["mesh"], rng=jax.random.key(0))[0]
-    state, history = _run(vq_setup, state, 6)
+def test_vq_steps_reduce_reconstruction_error(vq_setup, parity):
+    state = _fresh(vq_setup)
+    state, history = _run(vq_setup, state, 2)
+    # the step's adaptive weight (conv_out input captured) vs jax.grad through the whole model
+    expected = _brute_force_d_weight(vq_setup, state, vq_setup["loss"], jax.random.key(102))
+    state, more = _run(vq_setup, state, 4, first=2)
+    history += more
+    parity("ae step adaptive weight vs full-model jax.grad", history[2]["d_weight"], expected)
     for m in history[:2]:  # before disc_start: no adversarial term, no discriminator loss
         assert m["disc_factor"] == 0 and m["d_weight"] == 0 and m["disc_loss"] == 0
     for m in history[2:]:
@@ -128,11 +142,11 @@ def test_vq_steps_reduce_reconstruction_error(vq_setup):
 
 
 def test_resume_is_exact(vq_setup, tmp_path):
-    state = S.create_state(vq_setup["init"], vq_setup["mesh"], rng=jax.random.key(0))[0]
+    state = _fresh(vq_setup)
     state, _ = _run(vq_setup, state, 2)
     checkpointer = Checkpointer(tmp_path / "ckpt", async_save=False)
     checkpointer.save(2, state, {"position": 2}, {"trainer": "autoencoder"})
-    template = S.create_state(vq_setup["init"], vq_setup["mesh"], rng=jax.random.key(9))[0]
+    template = _fresh(vq_setup)
     straight, history = _run(vq_setup, state, 2, first=2)
     restored, data_state, _ = checkpointer.restore(2, template)
     checkpointer.close()
@@ -145,7 +159,7 @@ def test_resume_is_exact(vq_setup, tmp_path):
 
 
 def test_trained_weights_are_a_first_stage_exportable_to_compvis(vq_setup, tmp_path):
-    state = S.create_state(vq_setup["init"], vq_setup["mesh"], rng=jax.random.key(0))[0]
+    state = _fresh(vq_setup)
     state, _ = _run(vq_setup, state, 1)
     params = jax.device_get(state.params["autoencoder"])
     checkpoint = LatentDiffusionCheckpoint(ModelSpec(first_stage=VQ), {"first_stage": params})
@@ -170,3 +184,52 @@ def test_bad_setups_are_clear_errors():
     step = S.ShardedTrainStep(lambda s, b, r, p: (s, {}), None, make_mesh(("data",), (-1,)))
     with pytest.raises(ValueError, match="'image'"):
         step(None, {"latents": np.zeros((8, 2, 2, 4))}, None)
+
+
+def _config(name):
+    from ldm_jax.training.config_overrides import load_config
+
+    return load_config(str(Path(__file__).resolve().parent.parent / "configs" / f"{name}.py"))
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_LOSSES))
+def test_published_configs(name, tmp_path, monkeypatch):
+    config = _config(f"autoencoder_{name.replace('-', '_')}")
+    assert config.trainer == "autoencoder" and config.optimizer.b1 == 0.5
+    monkeypatch.chdir(tmp_path)  # no lpips.safetensors here: a clear error naming the fix
+    with pytest.raises(LPIPSWeightsError, match="lpips_weights --vgg16"):
+        make_task(config)
+    config.loss.perceptual_weight = 0.0
+    task = make_task(config)
+    assert task.first_stage == AUTOENCODER_PRESETS[name]
+    for key, value in PUBLISHED_LOSSES[name].items():
+        assert getattr(task.loss, key) == value
+    assert task.loss.kind == name[:2]
+
+
+def test_autoencoder_task_runs_in_the_loop(tmp_path):
+    config = _config("autoencoder_tiny")
+    config.model.spec = spec_to_dict(ModelSpec(first_stage=KL))
+    config.data.image_size = SIZE
+    config.loss.update(dict(disc_start=1, disc_num_layers=2))
+    config.train.update(dict(num_steps=2, log_every=1, checkpoint_every=0, sample_every=2,
+                             async_checkpointing=False, progress_bar=False))
+    config.sample.num_images = 4
+    task = make_task(config)
+    result = loop.run(config, tmp_path, task, stream=io.StringIO())
+    assert result.step == 2 and result.metrics["disc_factor"] == 1.0
+    assert {"kl_loss", "psnr", "d_weight", "disc_loss", "rec_loss"} <= set(result.metrics)
+    grids = list((tmp_path / "samples").glob("*.png"))
+    assert len(grids) == 1
+    from PIL import Image
+
+    assert Image.open(grids[0]).size == (4 * SIZE, 2 * SIZE)  # originals over reconstructions
+    checkpointer = Checkpointer(tmp_path / "checkpoints", async_save=False)
+    step, state, _, _ = checkpointer.restore_latest(task.init_state(jax.random.key(1)))
+    checkpointer.close()
+    first_stage = task.first_stage_checkpoint(state)  # EMA weights (ema.decay 0.99)
+    assert step == 2 and first_stage.spec.first_stage == KL
+    np.testing.assert_array_equal(
+        jax.tree.leaves(first_stage.params["first_stage"])[0],
+        jax.tree.leaves(jax.device_get(state.ema_params))[0],
+    )
