@@ -4,13 +4,14 @@
 import importlib.util
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from ldm_jax import sampling_cli
 from ldm_jax.checkpoints.spec import LatentDiffusionCheckpoint
-from ldm_jax.training import default_task
+from ldm_jax.training import default_task, loop, tasks
 from ldm_jax.training.config_overrides import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +57,25 @@ def test_sample_py_without_a_default_model_says_to_run_train_py(tmp_path, monkey
     assert not (tmp_path / "out").exists()
 
 
+def test_final_state_is_the_last_step_or_else_the_last_checkpoint(tmp_path):
+    config = load_config(str(ROOT / "configs" / "toy_regression.py"))
+    config.train.update(dict(num_steps=4, log_every=1, checkpoint_every=0, progress_bar=False))
+    kept = default_task.KeepsFinalState(tasks.make_task(config))
+    loop.run(config, tmp_path, kept)
+    trained = jax.device_get(kept.final_state(tmp_path / "checkpoints").params)
+    assert int(kept.final_state(tmp_path / "checkpoints").step) == 4
+    # a rerun of the finished run takes no step: the state comes from its checkpoint
+    again = default_task.KeepsFinalState(tasks.make_task(config))
+    loop.run(config, tmp_path, again)
+    restored = again.final_state(tmp_path / "checkpoints")
+    assert int(restored.step) == 4
+    for a, b in zip(_leaves(trained), _leaves(restored.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    fresh = tasks.make_task(config).init_state(jax.random.key(0))
+    assert any(not np.array_equal(a, b) for a, b in zip(_leaves(trained), _leaves(fresh.params),
+                                                         strict=True))
+
+
 def test_default_run_end_to_end_then_sample_py(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # the default workdir runs/default lands here
     assert _train_module().main(["train.py", f"--config={DEFAULT}:ci"]) == 0
@@ -87,6 +107,4 @@ def test_default_run_end_to_end_then_sample_py(tmp_path, monkeypatch, capsys):
 
 
 def _leaves(tree):
-    import jax  # noqa: PLC0415
-
     return [np.asarray(x) for x in jax.tree.leaves(tree)]

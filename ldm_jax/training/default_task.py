@@ -70,6 +70,61 @@ def stage_configs(config) -> tuple[ml_collections.ConfigDict, ml_collections.Con
     return first, second
 
 
+class KeepsFinalState:
+    """A loop task wrapper that keeps the state its last train step returned (`loop.run` returns
+    none), so exporting needs no second state init or checkpoint read. `final_state(directory)`
+    falls back to the newest checkpoint when no step ran (a rerun of a finished stage)."""
+
+    def __init__(self, task):
+        self.task = task
+        self.global_batch_size = task.global_batch_size
+        self._state = self._template = None
+
+    def init_state(self, rng):
+        self._template = self.task.init_state(rng)
+        return self._template
+
+    def make_iterator(self):
+        return self.task.make_iterator()
+
+    def __getattr__(self, name):  # the rest of the task interface (e.g. sample) as is
+        return getattr(self.task, name)
+
+    @property
+    def train_step(self):
+        return _Recording(self.task.train_step, self)
+
+    def final_state(self, directory: Path):
+        if self._state is not None:
+            return self._state
+        return restore_final(directory, self._template)
+
+
+class _Recording:
+    """train_step (and its AOT-compiled form) that hands each new state to `owner`."""
+
+    def __init__(self, step, owner):
+        self.step, self.owner = step, owner
+        if hasattr(step, "lower"):
+            self.lower = lambda *args: _RecordingLowered(step.lower(*args), owner)
+
+    def __call__(self, state, batch, rng):
+        state, metrics = self.step(state, batch, rng)
+        self.owner._state = state
+        return state, metrics
+
+
+class _RecordingLowered:
+    def __init__(self, lowered, owner):
+        self.lowered, self.owner = lowered, owner
+
+    def compile(self):
+        compiled = self.lowered.compile()
+        recording = _Recording(compiled, self.owner)
+        recording.cost_analysis = compiled.cost_analysis
+        return recording
+
+
 def restore_final(directory: Path, template):
     """The newest checkpoint's state in `directory` (the loop's checkpoints/ folder)."""
     checkpointer = Checkpointer(directory, async_save=False)
@@ -102,7 +157,7 @@ class DefaultRun:
         first_steps, ldm_steps = (int(c.train.num_steps) for c in (self.first_config,
                                                                      self.ldm_config))
         say(f"stage 1/2: autoencoder, {first_steps} steps -> {workdir / AUTOENCODER_DIR}")
-        first_task = AutoencoderTask(self.first_config)
+        first_task = KeepsFinalState(AutoencoderTask(self.first_config))
         result = loop.run(self.first_config, workdir / AUTOENCODER_DIR, first_task, stream=stream)
         if result.preempted:
             return result
@@ -113,10 +168,12 @@ class DefaultRun:
         say(f"stage 2/2: text-to-image LDM, {ldm_steps} steps -> {workdir / LDM_DIR}")
         task = LDMTask(self.ldm_config)
         task.init_params = {"first_stage": first_stage}
-        result = loop.run(self.ldm_config, workdir / LDM_DIR, task, stream=stream)
+        kept = KeepsFinalState(task)
+        result = loop.run(self.ldm_config, workdir / LDM_DIR, kept, stream=stream)
         if result.preempted:
             return result
-        model = self._export_model(task, workdir / MODEL_DIR)
+        model = self._export_model(task, kept.final_state(task_dir(workdir, LDM_DIR)),
+                                   workdir / MODEL_DIR)
         grid, report = self._sample_grid(model, workdir / GRID_NAME)
         say(f"stage 2 done ({time.perf_counter() - start:.0f} s in all): model {model}, "
             f"samples {grid}")
@@ -125,23 +182,19 @@ class DefaultRun:
         say(next_steps(workdir, float(self.config.sample.guidance)))
         return result
 
-    def _export_first_stage(self, task: AutoencoderTask, path: Path) -> dict:
+    def _export_first_stage(self, task: KeepsFinalState, path: Path) -> dict:
         """Stage 1's final autoencoder params, also saved as a first-stage-only checkpoint."""
-        state = restore_final(task_dir(path.parent, AUTOENCODER_DIR),
-                              task.init_state(jax.random.key(0)))
-        checkpoint = task.first_stage_checkpoint(state)
+        state = task.final_state(task_dir(path.parent, AUTOENCODER_DIR))
+        checkpoint = task.task.first_stage_checkpoint(state)
         if jax.process_index() == 0:
             checkpoint.save_pretrained(path, format="orbax", overwrite=True)
         return checkpoint.params["first_stage"]
 
-    def _export_model(self, task: LDMTask, path: Path) -> Path:
+    def _export_model(self, task: LDMTask, state, path: Path) -> Path:
         """The final LatentDiffusionCheckpoint: frozen first stage + EMA of the trained networks,
         with the scale_factor the run measured."""
-        from ldm_jax.training.ldm_step import ldm_state_shardings, trainable_names  # noqa: PLC0415
+        from ldm_jax.training.ldm_step import trainable_names  # noqa: PLC0415
 
-        abstract, _ = ldm_state_shardings(task.spec, task.cfg, task.optimizer, task.mesh,
-                                          task.rules)
-        state = restore_final(task_dir(path.parent, LDM_DIR), abstract)
         trained = trainable_names(task.spec, task.cfg)
         ema = _local_copy(state.ema_params)
         params = {**_local_copy(task.frozen), **{k: v for k, v in ema.items() if k in trained}}
