@@ -40,11 +40,14 @@ SPEC = ModelSpec(
         attention_resolutions=(1, 2), num_head_channels=32, use_spatial_transformer=True,
         context_dim=128, legacy=False,
     ),
-    # a 2-layer CLIP text tower trained with the UNet; the packaged 49,408-token BPE vocabulary
+    # a 2-layer CLIP-architecture text tower trained with the UNet; the packaged 49,408-token BPE
+    # vocabulary. Bidirectional (causal=False), like the paper's BERT-like encoder: with CLIP's
+    # causal mask the tokens of "a red circle above ..." cannot see "above", and a GPU probe left
+    # position at chance (~50%) while colour and shape were learnt.
     cond_stage=CondStageSpec(
         "clip",
         CLIPTextConfig(vocab_size=49408, max_length=16, width=128, num_layers=2, num_heads=4,
-                       mlp_dim=512),
+                       mlp_dim=512, causal=False),
         trainable=True,
     ),
     # latent_size: 32 px / f4; scale_factor is measured from the first batch (scale_by_std)
@@ -64,7 +67,7 @@ CI_SPEC = ModelSpec(
     cond_stage=CondStageSpec(
         "clip",
         CLIPTextConfig(vocab_size=49408, max_length=16, width=32, num_layers=1, num_heads=1,
-                       mlp_dim=64),
+                       mlp_dim=64, causal=False),
         trainable=True,
     ),
     diffusion=DiffusionSpec(latent_size=8),

@@ -90,8 +90,11 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_exits_2_and_writes_nothing(case, tiny, tmp_path, capsys):
+def test_bad_input_exits_2_and_writes_nothing(case, tiny, tmp_path, capsys, monkeypatch):
     extra, message = BAD_INPUTS[case]
+    # the default model is relative to the working directory: a real runs/default/model in the
+    # checkout must not turn "no checkpoint" into a run
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
     checkpoint = [] if case == "no checkpoint" else ["--checkpoint", tiny]
     argv = [*checkpoint, "--prompt", "a cat", "--steps", "2", "--out", str(out), *extra]

@@ -14,6 +14,7 @@ config.sample: num_images, prompts (text), class_labels (class), steps, sampler,
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -196,9 +197,16 @@ class LDMTask:
         trained = trainable_names(self.spec, self.cfg)
         params = {**_local_copy(self.frozen),
                   **{k: v for k, v in _local_copy(state.ema_params).items() if k in trained}}
-        if self._pipeline is None:
-            checkpoint = LatentDiffusionCheckpoint(self.spec, params, self.tokenizer)
-            self._pipeline = LatentDiffusionPipeline(checkpoint)
+        # decode with the scale the run uses: scale_by_std measures it on the first batch, so it
+        # lives in the state, not in the spec
+        scale = float(np.asarray(jax.device_get(state.scale_factor)))
+        if self._pipeline is None or self._pipeline.spec.diffusion.scale_factor != scale:
+            spec = dataclasses.replace(
+                self.spec, diffusion=dataclasses.replace(self.spec.diffusion, scale_factor=scale)
+            )
+            self._pipeline = LatentDiffusionPipeline(
+                LatentDiffusionCheckpoint(spec, params, self.tokenizer)
+            )
         else:
             self._pipeline.params = jax.device_put(params, replicated(self._pipeline.mesh))
         n = int(sample_cfg.num_images)
