@@ -1,0 +1,195 @@
+"""What the GPU suite measures: the cases, the SD 1.5-shaped model configs, and model FLOPs from
+XLA's cost analysis of CPU-lowered programs."""
+
+
+
+
+PROMPT = "a photograph of an astronaut riding a horse"
+GUIDANCE = 7.5
+STEPS = 50
+WEIGHT_SCALE = 0.02  # std of the random weights (larger overflows SD 1.5's deep stacks)
+# XLA flags for the JAX process (appended to any XLA_FLAGS already set). The latency-hiding
+# scheduler overlaps async work (collectives, copies) with compute; on one GPU it mostly orders
+# async copies and is harmless.
+XLA_GPU_FLAGS = ("--xla_gpu_enable_latency_hiding_scheduler=true",)
+
+# (case name, kind, batch, options); the order is the priority order.
+CASES = (
+    ("train_b{tb}", "train", "tb", {"remat": False}),
+    ("sample_b1", "sample", 1, {}),
+    ("sample_b8", "sample", 8, {}),
+    ("unet_fwd_b8", "unet_fwd", 8, {}),
+    ("unet_fwd_b8_xla_attn", "unet_fwd", 8, {"attention": "xla"}),
+    ("train_b{tb}_remat", "train", "tb", {"remat": True}),
+    ("vae_decode_b1", "vae_decode", 1, {}),
+    ("unet_fwd_b2", "unet_fwd", 2, {}),
+    ("vae_encode_b1", "vae_encode", 1, {}),
+    ("clip_text_b1", "clip_text", 1, {}),
+)
+# Seconds a case needs (compile + runs) on an H200 (measured 2026-11-26) until one of its kind has
+# run (then that one's wall time counts); the guard skips a case that no longer fits.
+ESTIMATE_S = {
+    "jax": {"train": 95, "sample": 55, "unet_fwd": 30, "vae_decode": 20, "vae_encode": 15,
+            "clip_text": 8},
+    "torch": {"train": 45, "sample": 20, "unet_fwd": 12, "vae_decode": 6, "vae_encode": 6,
+              "clip_text": 3},
+}  # fmt: skip
+
+
+def case_list(train_batch: int) -> list[dict]:
+    out = []
+    for name, kind, batch, options in CASES:
+        batch = train_batch if batch == "tb" else batch
+        out.append({"name": name.format(tb=train_batch), "kind": kind, "batch": batch} | options)
+    return out
+
+
+# --- the models --------------------------------------------------------------------------------
+def model_configs(tiny: bool) -> dict:
+    """{"unet", "vae", "text"} configs and the image size; `tiny` for the CPU smoke test."""
+    if not tiny:
+        from ldm_jax.presets.autoencoders import SD_VAE
+        from ldm_jax.presets.text_encoders import CLIP_TEXT_PRESETS
+        from ldm_jax.presets.unets import UNET_PRESETS
+
+        return {
+            "unet": UNET_PRESETS["sd-v1"],
+            "vae": SD_VAE,
+            "text": CLIP_TEXT_PRESETS["clip-vit-l-14"],
+            "image": 512,
+        }
+    from ldm_jax.models.autoencoder import AutoencoderConfig
+    from ldm_jax.models.clip_text import CLIPTextConfig
+    from ldm_jax.models.unet import UNetConfig
+
+    return {
+        "unet": UNetConfig(
+            in_channels=4,
+            out_channels=4,
+            model_channels=32,
+            channel_mult=(1, 2),
+            num_res_blocks=1,
+            attention_resolutions=(1, 2),
+            num_heads=2,
+            use_spatial_transformer=True,
+            context_dim=64,
+            legacy=False,
+        ),
+        "vae": AutoencoderConfig(
+            ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=32, z_channels=4, embed_dim=4
+        ),
+        "text": CLIPTextConfig(
+            vocab_size=49408, max_length=77, width=64, num_layers=2, num_heads=1, mlp_dim=128
+        ),
+        "image": 32,
+    }
+
+
+def model_spec(configs: dict):
+    from ldm_jax.checkpoints.spec import CondStageSpec, DiffusionSpec, ModelSpec
+
+    latent = configs["image"] // configs["vae"].downsample_factor
+    return ModelSpec(
+        first_stage=configs["vae"],
+        unet=configs["unet"],
+        cond_stage=CondStageSpec("clip", configs["text"]),
+        diffusion=DiffusionSpec(latent_size=latent),
+    )
+
+
+def count_model_flops(tiny: bool, train_batch: int, steps: int) -> dict:
+    """Model FLOPs of every case from XLA's cost analysis of the program lowered for the CPU
+    platform from abstract inputs (nothing is allocated or compiled; XLA attention, no remat).
+
+    GPU lowerings report no FLOPs, and a compiled GPU program's count depends on which kernels
+    XLA picked; the lowered count is the arithmetic of the model itself. Sampling is
+    steps x UNet(2B) + text encoder(2B) + VAE decode(B), every op being linear in the batch.
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from ldm_jax.checkpoints.networks import abstract_checkpoint_params
+    from ldm_jax.diffusion import make_schedule
+    from ldm_jax.diffusion.schedules import q_sample
+    from ldm_jax.models.autoencoder import AutoencoderKL
+    from ldm_jax.models.clip_text import CLIPTextTransformer
+    from ldm_jax.models.unet import UNet
+
+    configs = model_configs(tiny)
+    spec = model_spec(configs)
+    image, latent = configs["image"], spec.diffusion.latent_size
+    ctx_len, ctx_dim = configs["text"].max_length, configs["unet"].context_dim
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    abstract = abstract_checkpoint_params(spec)
+
+    def cast(tree, dtype):
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype), tree)
+
+    def flops(fn, *args):
+        lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cpu",))
+        cost = lowered.cost_analysis()
+        return float((cost[0] if isinstance(cost, list | tuple) else cost)["flops"])
+
+    def sds(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype)
+
+    unet = UNet(configs["unet"], dtype=bf16, attention_implementation="xla")
+    u16, u32 = cast(abstract["unet"], bf16), cast(abstract["unet"], f32)
+
+    def unet_fwd(b):
+        return flops(
+            lambda p, x, t, c: unet.apply({"params": p}, x, t, c),
+            u16, sds((b, latent, latent, 4), f32), sds((b,), jnp.int32),
+            sds((b, ctx_len, ctx_dim), bf16),
+        )  # fmt: skip
+
+    schedule = make_schedule()
+    optimizer = optax.adamw(1e-5, weight_decay=1e-2)
+
+    def train(p, opt_state, x0, ctx, rng):
+        def loss_fn(p):
+            k1, k2 = jax.random.split(rng)
+            t = jax.random.randint(k1, (x0.shape[0],), 0, 1000)
+            noise = jax.random.normal(k2, x0.shape, f32)
+            pred = unet.apply({"params": p}, q_sample(schedule, x0, t, noise), t, ctx)
+            return jnp.mean(jnp.square(pred.astype(f32) - noise))
+
+        loss, grads = jax.value_and_grad(loss_fn)(p)
+        updates, opt_state = optimizer.update(grads, opt_state, p)
+        return optax.apply_updates(p, updates), opt_state, loss
+
+    b = train_batch
+    train_flops = flops(
+        train, u32, jax.eval_shape(optimizer.init, u32), sds((b, latent, latent, 4), f32),
+        sds((b, ctx_len, ctx_dim), bf16), jax.eval_shape(lambda: jax.random.key(0)),
+    )  # fmt: skip
+    text = CLIPTextTransformer(configs["text"], dtype=bf16)
+    text_1 = flops(
+        lambda p, i: text.apply({"params": p}, i).last_hidden_state,
+        cast(abstract["cond_stage"], bf16), sds((1, ctx_len), jnp.int32),
+    )  # fmt: skip
+    vae = AutoencoderKL(configs["vae"], dtype=bf16)
+    fs16 = cast(abstract["first_stage"], bf16)
+    decode_1 = flops(
+        lambda p, z: vae.apply({"params": p}, z, method="decode"),
+        fs16, sds((1, latent, latent, 4), bf16),
+    )  # fmt: skip
+    encode_1 = flops(
+        lambda p, x: vae.apply({"params": p}, x, method="encode").mean,
+        fs16, sds((1, image, image, 3), bf16),
+    )  # fmt: skip
+    fwd_1 = unet_fwd(1)
+    out = {
+        "unet_fwd_b1": fwd_1,
+        "unet_fwd_b8": unet_fwd(8),
+        "train": train_flops,
+        "text_b1": text_1,
+        "vae_decode_b1": decode_1,
+        "vae_encode_b1": encode_1,
+    }
+    for batch in (1, 8):
+        out[f"sample_b{batch}"] = (
+            steps * 2 * batch * fwd_1 + 2 * batch * text_1 + batch * decode_1
+        )
+    return out
