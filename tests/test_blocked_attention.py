@@ -1,0 +1,94 @@
+"""The flash-style blocked attention: same values and gradients as XLA's, and when it is picked."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ldm_jax.models import attention
+from ldm_jax.models.attention import dot_product_attention
+from ldm_jax.models.blocked_attention import block_sizes, blocked_attention
+
+
+def _qkv(t, s, heads=2, dim=8, seed=0, scale=3.0):
+    rng = np.random.default_rng(seed)
+    # scale 3: logits spread wide enough that the running max really moves between key blocks
+    q = rng.standard_normal((2, t, heads, dim)) * scale
+    k = rng.standard_normal((2, s, heads, dim)) * scale
+    v = rng.standard_normal((2, s, heads, dim))
+    return (jnp.asarray(x, jnp.float32) for x in (q, k, v))
+
+
+def _xla(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+
+
+@pytest.mark.parametrize(("t", "s", "q_block", "k_block"), [(64, 96, 16, 32), (32, 32, 32, 32),
+                                                             (48, 128, 8, 16)])
+def test_matches_xla_attention(t, s, q_block, k_block):
+    q, k, v = _qkv(t, s)
+    got = blocked_attention(q, k, v, q_block=q_block, k_block=k_block)
+    want = _xla(q, k, v)
+    assert got.shape == want.shape and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_match_xla_attention():
+    q, k, v = _qkv(32, 64)
+    weights = jnp.asarray(np.random.default_rng(1).standard_normal((2, 32, 2, 8)), jnp.float32)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v) * weights)
+
+    blocked = jax.grad(loss(lambda q, k, v: blocked_attention(q, k, v, q_block=8, k_block=16)),
+                       argnums=(0, 1, 2))(q, k, v)
+    reference = jax.grad(loss(_xla), argnums=(0, 1, 2))(q, k, v)
+    for got, want in zip(blocked, reference, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_inputs_give_bf16_outputs_close_to_fp32():
+    q, k, v = _qkv(32, 64, scale=1.0)
+    got = blocked_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), q_block=16, k_block=32)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(got.astype(jnp.float32), _xla(q, k, v), atol=3e-2)
+
+
+def test_blocks_must_divide_the_sequences():
+    assert block_sizes(4096, 4096) == (256, 512)
+    assert block_sizes(64, 77) == (64, 77)  # short sequences: one block each
+    assert block_sizes(4096, 1100) is None  # 1100 keys do not split into 512s
+    q, k, v = _qkv(32, 48)
+    with pytest.raises(ValueError, match="do not divide"):
+        blocked_attention(q, k, v, q_block=16, k_block=32)
+
+
+def _uses_scan(fn, *args):
+    return "scan" in str(jax.make_jaxpr(fn)(*args))
+
+
+def test_cpu_default_picks_blocked_for_long_sequences(monkeypatch):
+    monkeypatch.setattr(attention, "BLOCKED_MIN_KEYS_ON_CPU", 64)
+    long_q, long_k, long_v = _qkv(64, 64)
+    short = _qkv(64, 32)
+    assert jax.default_backend() == "cpu"
+    assert _uses_scan(dot_product_attention, long_q, long_k, long_v)  # None -> blocked on CPU
+    assert not _uses_scan(dot_product_attention, *short)  # fewer keys than the threshold
+    assert not _uses_scan(lambda *a: dot_product_attention(*a, implementation="xla"),
+                          long_q, long_k, long_v)
+    np.testing.assert_allclose(dot_product_attention(long_q, long_k, long_v),
+                               _xla(long_q, long_k, long_v), rtol=1e-5, atol=1e-5)
+
+
+def test_explicit_blocked_falls_back_to_xla_for_masks_and_causal():
+    q, k, v = _qkv(32, 32)
+    mask = jnp.asarray(np.random.default_rng(2).random((2, 2, 32, 32)) > 0.3)
+    mask = mask.at[..., 0].set(True)  # every query attends to something
+    got = dot_product_attention(q, k, v, mask_BNTS=mask, implementation="blocked")
+    want = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    got = dot_product_attention(q, k, v, is_causal=True, implementation="blocked")
+    want = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert not _uses_scan(lambda *a: dot_product_attention(*a, is_causal=True,
+                                                           implementation="blocked"), q, k, v)
