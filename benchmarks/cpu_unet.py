@@ -23,23 +23,10 @@ WEIGHT_SCALE = 0.02
 
 
 def unet_config(model: str):
-    from ldm_jax.models.unet import UNetConfig
+    from ldm_jax.presets.tiny import TINY_UNET
     from ldm_jax.presets.unets import UNET_PRESETS
 
-    if model == "sd15":
-        return UNET_PRESETS["sd-v1"]
-    return UNetConfig(
-        in_channels=4,
-        out_channels=4,
-        model_channels=32,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        attention_resolutions=(1, 2),
-        num_heads=2,
-        use_spatial_transformer=True,
-        context_dim=64,
-        legacy=False,
-    )
+    return UNET_PRESETS["sd-v1"] if model == "sd15" else TINY_UNET
 
 
 def measure_jax(args) -> dict:

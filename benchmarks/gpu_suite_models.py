@@ -58,31 +58,9 @@ def model_configs(tiny: bool) -> dict:
             "text": CLIP_TEXT_PRESETS["clip-vit-l-14"],
             "image": 512,
         }
-    from ldm_jax.models.autoencoder import AutoencoderConfig
-    from ldm_jax.models.clip_text import CLIPTextConfig
-    from ldm_jax.models.unet import UNetConfig
+    from ldm_jax.presets.tiny import TINY_CLIP_TEXT, TINY_IMAGE_SIZE, TINY_UNET, TINY_VAE
 
-    return {
-        "unet": UNetConfig(
-            in_channels=4,
-            out_channels=4,
-            model_channels=32,
-            channel_mult=(1, 2),
-            num_res_blocks=1,
-            attention_resolutions=(1, 2),
-            num_heads=2,
-            use_spatial_transformer=True,
-            context_dim=64,
-            legacy=False,
-        ),
-        "vae": AutoencoderConfig(
-            ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=32, z_channels=4, embed_dim=4
-        ),
-        "text": CLIPTextConfig(
-            vocab_size=49408, max_length=77, width=64, num_layers=2, num_heads=1, mlp_dim=128
-        ),
-        "image": 32,
-    }
+    return {"unet": TINY_UNET, "vae": TINY_VAE, "text": TINY_CLIP_TEXT, "image": TINY_IMAGE_SIZE}
 
 
 def model_spec(configs: dict):

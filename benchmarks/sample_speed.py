@@ -52,34 +52,13 @@ def model_spec(name: str):
         clip = CondStageSpec("clip", CLIP_TEXT_PRESETS["clip-vit-l-14"])
         return ModelSpec(first_stage=SD_VAE, unet=UNET_PRESETS["sd-v1"], cond_stage=clip)
 
-    from ldm_jax.models.autoencoder import AutoencoderConfig
-    from ldm_jax.models.clip_text import CLIPTextConfig
-    from ldm_jax.models.unet import UNetConfig
+    from ldm_jax.presets.tiny import TINY_CLIP_TEXT, TINY_UNET, TINY_VAE
 
-    # VAE factor 2; 64-wide text heads as every CLIP text tower
-    vae = AutoencoderConfig(
-        ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=32, z_channels=4, embed_dim=4
-    )
-    text = CLIPTextConfig(
-        vocab_size=49408, max_length=77, width=64, num_layers=2, num_heads=1, mlp_dim=128
-    )
-    unet = UNetConfig(
-        in_channels=4,
-        out_channels=4,
-        model_channels=32,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        attention_resolutions=(1, 2),
-        num_heads=2,
-        use_spatial_transformer=True,
-        context_dim=64,
-        legacy=False,
-    )
-    size = DEFAULT_SIZE["tiny"] // vae.downsample_factor
+    size = DEFAULT_SIZE["tiny"] // TINY_VAE.downsample_factor
     return ModelSpec(
-        first_stage=vae,
-        unet=unet,
-        cond_stage=CondStageSpec("clip", text),
+        first_stage=TINY_VAE,
+        unet=TINY_UNET,
+        cond_stage=CondStageSpec("clip", TINY_CLIP_TEXT),
         diffusion=DiffusionSpec(latent_size=size),
     )
 

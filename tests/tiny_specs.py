@@ -5,30 +5,11 @@ import numpy as np
 
 from ldm_jax.checkpoints.networks import abstract_checkpoint_params
 from ldm_jax.checkpoints.spec import CondStageSpec, DiffusionSpec, ModelSpec
-from ldm_jax.models.autoencoder import AutoencoderConfig
-from ldm_jax.models.clip_text import CLIPTextConfig
 from ldm_jax.models.unet import UNetConfig
 from ldm_jax.models.vq import VQConfig
+from ldm_jax.presets.tiny import TINY_CLIP_TEXT, TINY_UNET, TINY_VAE
 
-TINY_VAE = AutoencoderConfig(
-    ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=32, z_channels=4, embed_dim=4
-)
-# 64-wide heads as in every CLIP text tower, so the architecture is detectable from the keys
-TINY_CLIP = CLIPTextConfig(
-    vocab_size=49408, max_length=77, width=64, num_layers=2, num_heads=1, mlp_dim=128
-)
-TINY_UNET = UNetConfig(
-    in_channels=4,
-    out_channels=4,
-    model_channels=32,
-    channel_mult=(1, 2),
-    num_res_blocks=1,
-    attention_resolutions=(1, 2),
-    num_heads=2,
-    use_spatial_transformer=True,
-    context_dim=64,
-    legacy=False,
-)
+TINY_CLIP = TINY_CLIP_TEXT
 SD1_LIKE = ModelSpec(
     first_stage=TINY_VAE, unet=TINY_UNET, cond_stage=CondStageSpec("clip", TINY_CLIP)
 )

@@ -31,7 +31,7 @@ from ldm_jax.training.lpips import LPIPS
 from ldm_jax.training.lpips_weights import load_lpips_params
 from ldm_jax.training.optimizer import make_optimizer
 from ldm_jax.training.sharding import batch_sharding, data_parallel_size
-from ldm_jax.training.tasks import check_global_batch, mesh_from_config
+from ldm_jax.training.tasks import mesh_rules_and_batch
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -92,10 +92,7 @@ def _resolve_first_stage(model_cfg):
 class AutoencoderTask:
     def __init__(self, config):
         self.config = config
-        self.mesh = mesh_from_config(config)
-        self.rules = tuple(tuple(r) for r in config.sharding_rules)
-        self.global_batch_size = int(config.data.global_batch_size)
-        check_global_batch(self.global_batch_size, self.mesh)
+        self.mesh, self.rules, self.global_batch_size = mesh_rules_and_batch(config)
         self.first_stage, self.init_params = _resolve_first_stage(config.model)
         loss_values = loss_config(**_plain(config.get("loss", None) or {})).to_dict()
         lpips_path = loss_values.pop("lpips_weights")

@@ -29,7 +29,7 @@ from ldm_jax.training.ldm_step import (
 )
 from ldm_jax.training.optimizer import make_optimizer
 from ldm_jax.training.sharding import batch_sharding, data_parallel_size, replicated
-from ldm_jax.training.tasks import check_global_batch, mesh_from_config
+from ldm_jax.training.tasks import mesh_rules_and_batch
 
 
 def _plain(value):
@@ -151,10 +151,7 @@ def _local_copy(tree):
 class LDMTask:
     def __init__(self, config):
         self.config = config
-        self.mesh = mesh_from_config(config)
-        self.rules = tuple(tuple(r) for r in config.sharding_rules)
-        self.global_batch_size = int(config.data.global_batch_size)
-        check_global_batch(self.global_batch_size, self.mesh)
+        self.mesh, self.rules, self.global_batch_size = mesh_rules_and_batch(config)
         self.spec, self.init_params, self.tokenizer = resolve_model(config.model)
         self.cfg = LDMTrainConfig.from_config(config)
         updates = max(int(config.train.num_steps) // self.cfg.grad_accum_steps, 1)

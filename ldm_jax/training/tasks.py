@@ -50,3 +50,12 @@ def check_global_batch(global_batch_size: int, mesh) -> int:
             f"size {dp} (mesh {axes}; batch is split over data x fsdp): use a multiple of {dp}"
         )
     return global_batch_size // dp
+
+
+def mesh_rules_and_batch(config) -> tuple:
+    """(mesh, logical sharding rules, global batch size) of a task's config, the batch checked
+    against the mesh: the setup every task starts with."""
+    mesh = mesh_from_config(config)
+    global_batch_size = int(config.data.global_batch_size)
+    check_global_batch(global_batch_size, mesh)
+    return mesh, tuple(tuple(r) for r in config.sharding_rules), global_batch_size
