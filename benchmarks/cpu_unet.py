@@ -3,11 +3,16 @@
 Stable Diffusion 1.5's UNet (preset "sd-v1", random weights) on [B, 64, 64, 4] latents with a
 [B, 77, 768] context, the work of one sampling step at 512x512 without guidance (B=2: one guided
 image). Each side runs in a fresh process (the two thread pools never compete), pinned to the same
-threads; each does one warm-up call, then --repeats timed calls (median). Ours' first call
-(trace + compile + run) is reported separately. XLA CPU flags are passed with --xla-flags.
+threads; each does one warm-up call, then --repeats timed calls (median); --rounds N alternates
+the two sides N times (a shared box's load drifts) and reports the median over rounds. Ours' first
+call (trace + compile + run) is reported separately. Ours is jitted with ldm_jax's compile options
+(ldm_jax/compile_options.py), its parameters already on the device like torch's weights.
+XLA CPU flags are passed with --xla-flags; setting the YNNPACK flag there replaces ldm_jax's choice.
 
-    python benchmarks/cpu_unet.py                                   # both sides, SD 1.5 shapes
-    python benchmarks/cpu_unet.py --side jax --xla-flags "--xla_cpu_use_onednn=true"
+    python benchmarks/cpu_unet.py --rounds 3                        # both sides, SD 1.5 shapes
+    # ours under XLA's own default (YNNPACK convolutions as well), the "before" of BENCHMARKS.md:
+    python benchmarks/cpu_unet.py --side jax \
+        --xla-flags=--xla_cpu_experimental_ynn_fusion_type=individual_dot,individual_convolution
     python benchmarks/cpu_unet.py --model tiny                      # a quick check of the script
 """
 
@@ -34,6 +39,7 @@ def measure_jax(args) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
+    from ldm_jax.compile_options import compiler_options
     from ldm_jax.models.params import abstract_params
     from ldm_jax.models.unet import UNet
 
@@ -46,12 +52,15 @@ def measure_jax(args) -> dict:
     t = jnp.full((b,), 500, jnp.int32)
     abstract = abstract_params(unet, x[:1], t[:1], ctx[:1])
     rng = np.random.default_rng(0)
-    params = jax.tree.map(
+    # on the device once, as torch's weights live in its module (numpy leaves would be copied
+    # into every call: ~0.7 s of a 10 s forward)
+    params = jax.device_put(jax.tree.map(
         lambda a: WEIGHT_SCALE * rng.standard_normal(a.shape, dtype=np.float32), abstract
-    )
+    ))
     x = jnp.asarray(rng.standard_normal(x.shape, dtype=np.float32))
     ctx = jnp.asarray(rng.standard_normal(ctx.shape, dtype=np.float32))
-    fwd = jax.jit(lambda p, x, t, c: unet.apply({"params": p}, x, t, c))
+    options = compiler_options()
+    fwd = jax.jit(lambda p, x, t, c: unet.apply({"params": p}, x, t, c), compiler_options=options)
     start = time.perf_counter()
     lowered = fwd.lower(params, x, t, ctx)
     compiled = lowered.compile()
@@ -69,6 +78,7 @@ def measure_jax(args) -> dict:
         "gflops": None if flops is None else flops / 1e9,
         "versions": f"jax {jax.__version__}",
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "compiler_options": options,
         "attention": args.attention,
     }
 
@@ -125,6 +135,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--latent", type=int, default=64, help="latent height = width")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1, help="alternate the sides this often")
     parser.add_argument(
         "--attention", default="default", help="ours' attention implementation (default: JAX's)"
     )
@@ -142,27 +153,32 @@ def main(argv=None) -> None:
     sides = ("jax", "torch") if args.side == "both" else (args.side,)
     print(
         f"UNet {args.model}, batch {args.batch}, {args.latent}x{args.latent} latents, fp32, "
-        f"median of {args.repeats} calls after one warm-up; load average before: "
-        f"{os.getloadavg()[0]:.1f}"
+        f"median of {args.repeats} calls after one warm-up, {args.rounds} round(s); load average "
+        f"before: {os.getloadavg()[0]:.1f}"
     )
-    rows = {}
-    for side in sides:
-        rows[side] = run_side(side, args)
-        r = rows[side]
-        extra = ""
-        if side == "jax":
-            extra = (
-                f", compile {r['compile_s']:.1f} s, {r['gflops']:.0f} GFLOP, attention "
-                f"{r['attention']}, XLA_FLAGS={r['xla_flags']!r}"
+    per_round = {side: [] for side in sides}  # each round's median seconds per forward
+    for round_index in range(args.rounds):
+        for side in sides:
+            r = run_side(side, args)
+            per_round[side].append(statistics.median(r["times"]))
+            extra = ""
+            if side == "jax":
+                extra = (
+                    f", compile {r['compile_s']:.1f} s, {r['gflops']:.0f} GFLOP, attention "
+                    f"{r['attention']}, compiler_options={r['compiler_options']}, "
+                    f"XLA_FLAGS={r['xla_flags']!r}"
+                )
+            print(
+                f"round {round_index + 1} {side}: {per_round[side][-1]:.2f} s per forward "
+                f"(calls {', '.join(f'{t:.2f}' for t in r['times'])}; warm-up "
+                f"{r['warmup_s']:.2f}){extra}; {r['versions']}; load average "
+                f"{os.getloadavg()[0]:.1f}",
+                flush=True,
             )
-        print(
-            f"{side}: {statistics.median(r['times']):.2f} s per forward "
-            f"(calls {', '.join(f'{t:.2f}' for t in r['times'])}; warm-up {r['warmup_s']:.2f})"
-            f"{extra}; {r['versions']}; load average {os.getloadavg()[0]:.1f}",
-            flush=True,
-        )
-    if len(rows) == 2:
-        ratio = statistics.median(rows["jax"]["times"]) / statistics.median(rows["torch"]["times"])
+    for side in sides:
+        print(f"{side}: {statistics.median(per_round[side]):.2f} s per forward (median of rounds)")
+    if len(sides) == 2:
+        ratio = statistics.median(per_round["jax"]) / statistics.median(per_round["torch"])
         print(f"ours / torch seconds: {ratio:.2f} (< 1: ours faster)")
 
 

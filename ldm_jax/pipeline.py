@@ -49,6 +49,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ldm_jax import pipeline_inputs, pipeline_tasks
 from ldm_jax.checkpoints import LatentDiffusionCheckpoint
 from ldm_jax.checkpoints.networks import network_modules
+from ldm_jax.compile_options import compiler_options
 from ldm_jax.diffusion import (
     SAMPLERS,
     classifier_free_guidance,
@@ -118,6 +119,7 @@ class LatentDiffusionPipeline:
         self._generate = jax.jit(
             self._generate_fn,
             static_argnames=("sampler", "eta", "guided", "output", "with_callback", "from_image"),
+            compiler_options=compiler_options(),
         )
 
     @classmethod

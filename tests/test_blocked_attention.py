@@ -55,9 +55,12 @@ def test_bf16_inputs_give_bf16_outputs_close_to_fp32():
 
 
 def test_blocks_must_divide_the_sequences():
-    assert block_sizes(4096, 4096) == (256, 512)
+    assert block_sizes(4096, 4096) == (512, 256)
     assert block_sizes(64, 77) == (64, 77)  # short sequences: one block each
-    assert block_sizes(4096, 1100) is None  # 1100 keys do not split into 512s
+    assert block_sizes(4096, 77) == (512, 77)  # cross-attention: all keys in one block
+    assert block_sizes(6400, 6400) == (400, 256)  # 80x80 latents: the largest divisor
+    assert block_sizes(4096, 1000) == (512, 250)
+    assert block_sizes(4096, 1031) is None  # a prime: no block between 64 and 256 divides it
     q, k, v = _qkv(32, 48)
     with pytest.raises(ValueError, match="do not divide"):
         blocked_attention(q, k, v, q_block=16, k_block=32)
@@ -68,12 +71,14 @@ def _uses_scan(fn, *args):
 
 
 def test_cpu_default_picks_blocked_for_long_sequences(monkeypatch):
-    monkeypatch.setattr(attention, "BLOCKED_MIN_KEYS_ON_CPU", 64)
+    monkeypatch.setattr(attention, "BLOCKED_MIN_QUERIES_ON_CPU", 64)
     long_q, long_k, long_v = _qkv(64, 64)
-    short = _qkv(64, 32)
+    cross = _qkv(64, 7)  # a short context: still blocked (one key block)
+    short = _qkv(32, 64)
     assert jax.default_backend() == "cpu"
     assert _uses_scan(dot_product_attention, long_q, long_k, long_v)  # None -> blocked on CPU
-    assert not _uses_scan(dot_product_attention, *short)  # fewer keys than the threshold
+    assert _uses_scan(dot_product_attention, *cross)
+    assert not _uses_scan(dot_product_attention, *short)  # fewer queries than the threshold
     assert not _uses_scan(lambda *a: dot_product_attention(*a, implementation="xla"),
                           long_q, long_k, long_v)
     np.testing.assert_allclose(dot_product_attention(long_q, long_k, long_v),

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ldm_jax.compile_options import compiler_options
 from ldm_jax.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm_jax.models.layers import conv
 from ldm_jax.models.vq import VQConfig, VQModel
@@ -281,6 +282,7 @@ class ShardedTrainStep:
             in_shardings=(state_shardings, batch_sharding(mesh), *[replicated(mesh)] * 2),
             out_shardings=(state_shardings, replicated(mesh)),
             donate_argnums=0,
+            compiler_options=compiler_options(),
         )
 
     @staticmethod

@@ -26,6 +26,7 @@ import optax
 
 from ldm_jax.checkpoints.networks import network_modules
 from ldm_jax.checkpoints.spec import ModelSpec
+from ldm_jax.compile_options import compiler_options
 from ldm_jax.diffusion.schedules import make_schedule
 from ldm_jax.models.conditioning import drop_class_labels
 from ldm_jax.models.distributions import DiagonalGaussian
@@ -342,6 +343,7 @@ def make_ldm_train_step(
         in_shardings=(state_sh, frozen_sh, batch_sharding(mesh), replicated(mesh)),
         out_shardings=(state_sh, replicated(mesh)),
         donate_argnums=0,
+        compiler_options=compiler_options(),
     )
 
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ldm_jax.compile_options import compiler_options
 from ldm_jax.training.ema import ema_decay, update_ema
 from ldm_jax.training.optimizer import make_optimizer
 from ldm_jax.training.sharding import batch_sharding, replicated
@@ -106,6 +107,7 @@ class ToyRegressionTask:
             in_shardings=(shardings, {"x": data, "y": data}, replicated(self.mesh)),
             out_shardings=(shardings, replicated(self.mesh)),
             donate_argnums=0,
+            compiler_options=compiler_options(),
         )
         return state
 

@@ -1,0 +1,43 @@
+"""XLA compile options that ldm_jax's jitted entry points pass on (today: CPU only).
+
+XLA:CPU (jax 0.10) hands convolutions to YNNPACK by default. On this project's CPU box (2 AVX-512
+cores) YNNPACK's 3x3 convolutions are 1.2-2.2x slower than XLA's own (Eigen) ones at Stable
+Diffusion's shapes (64x64x320: 89 vs 72 ms; 16x16x1280: 108 vs 74 ms; 8x8x2560->1280: 105 vs
+48 ms), while its dots and reductions are the faster choice. Keeping YNNPACK for dots and reductions
+only takes the SD 1.5 UNet forward from 11.9 to ~10 s (BENCHMARKS.md, "CPU: UNet forward").
+
+Users who jit ldm_jax networks themselves can pass the same options:
+``jax.jit(fn, compiler_options=compiler_options())``. An XLA_FLAGS setting of the same flag wins
+(nothing is passed then), and a jaxlib that does not know the flag gets no options.
+"""
+
+import functools
+import os
+
+import jax
+
+YNN_FUSION_FLAG = "xla_cpu_experimental_ynn_fusion_type"
+# YNNPACK for single dots and reductions; convolutions stay with XLA's own emitter.
+CPU_COMPILER_OPTIONS = {
+    YNN_FUSION_FLAG: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE",
+}
+
+
+def compiler_options(backend: str | None = None) -> dict[str, str] | None:
+    """Options for ``jax.jit(..., compiler_options=...)`` on ``backend`` (default: JAX's)."""
+    if (backend or jax.default_backend()) != "cpu":
+        return None
+    if YNN_FUSION_FLAG in os.environ.get("XLA_FLAGS", ""):
+        return None  # the user's explicit choice
+    return dict(CPU_COMPILER_OPTIONS) if _cpu_accepts_options() else None
+
+
+@functools.cache
+def _cpu_accepts_options() -> bool:
+    """Whether this jaxlib knows the options (flag names and enum values change across versions)."""
+    probe = jax.jit(lambda x: x + 1, compiler_options=CPU_COMPILER_OPTIONS)
+    try:
+        probe.lower(jax.ShapeDtypeStruct((1,), "float32")).compile()
+    except Exception:  # any refusal (unknown flag or enum value) means "not supported here"
+        return False
+    return True
