@@ -1,10 +1,11 @@
 """XLA compile options that ldm_jax's jitted entry points pass on (today: CPU only).
 
 XLA:CPU (jax 0.10) hands convolutions to YNNPACK by default. On this project's CPU box (2 AVX-512
-cores) YNNPACK's 3x3 convolutions are 1.2-2.2x slower than XLA's own (Eigen) ones at Stable
-Diffusion's shapes (64x64x320: 89 vs 72 ms; 16x16x1280: 108 vs 74 ms; 8x8x2560->1280: 105 vs
-48 ms), while its dots and reductions are the faster choice. Keeping YNNPACK for dots and reductions
-only takes the SD 1.5 UNet forward from 11.9 to ~10 s (BENCHMARKS.md, "CPU: UNet forward").
+cores) YNNPACK's 3x3 convolutions are 1.1-2.4x slower than XLA's own (Eigen) ones at Stable
+Diffusion's shapes (64x64x320: 89 vs 72 ms; 16x16x1280: 106 vs 73 ms; 8x8x2560->1280: 106 vs
+44 ms; benchmarks/cpu_convs.py), while its dots and reductions are the faster choice. Keeping
+YNNPACK for dots and reductions only takes the SD 1.5 UNet forward from ~11.8 to ~9.9 s and the
+built-in default's training from 18 min 41 s to 17 min 17 s (BENCHMARKS.md, "CPU: UNet forward").
 
 Users who jit ldm_jax networks themselves can pass the same options:
 ``jax.jit(fn, compiler_options=compiler_options())``. An XLA_FLAGS setting of the same flag wins
