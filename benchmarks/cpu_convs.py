@@ -6,10 +6,10 @@
 """
 
 import argparse
-import time
 
 import jax
 import numpy as np
+from cpu_attention import best_time  # benchmarks/ is on sys.path when run as a script
 
 from ldm_jax.compile_options import compiler_options
 
@@ -27,16 +27,6 @@ CONVS = {
 }
 
 
-def best_ms(fn, repeats: int) -> float:
-    fn()  # warm-up (compiles)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * min(times)
-
-
 def jax_conv_ms(side, c_in, c_out, stride, options, repeats) -> float:
     rng = np.random.default_rng(0)
     x = jax.device_put(rng.standard_normal((2, side, side, c_in), dtype=np.float32))
@@ -48,7 +38,7 @@ def jax_conv_ms(side, c_in, c_out, stride, options, repeats) -> float:
         ),
         compiler_options=options,
     )
-    return best_ms(lambda: conv(x, w).block_until_ready(), repeats)
+    return 1e3 * best_time(conv, (x, w), repeats)
 
 
 def torch_conv_ms(side, c_in, c_out, stride, repeats) -> float:
@@ -57,8 +47,8 @@ def torch_conv_ms(side, c_in, c_out, stride, repeats) -> float:
     x = torch.randn(2, c_in, side, side)
     w = 0.01 * torch.randn(c_out, c_in, 3, 3)
     with torch.inference_mode():
-        return best_ms(lambda: torch.nn.functional.conv2d(x, w, stride=stride, padding=1),
-                       repeats)
+        conv = lambda: torch.nn.functional.conv2d(x, w, stride=stride, padding=1)
+        return 1e3 * best_time(conv, (), repeats)
 
 
 def main() -> None:

@@ -186,6 +186,15 @@ def test_bad_setups_are_clear_errors():
         step(None, {"latents": np.zeros((8, 2, 2, 4))}, None)
 
 
+
+def test_step_is_compiled_with_ldm_jax_compile_options(monkeypatch):
+    # an option value XLA rejects: the step only fails to compile if the options reach its jit
+    monkeypatch.setattr(S, "compiler_options",
+                        lambda: {"xla_cpu_experimental_ynn_fusion_type": "NO_SUCH_TYPE"})
+    step = S.ShardedTrainStep(lambda s, b, r, p: (s, {}), None, make_mesh(("data",), (-1,)))
+    with pytest.raises(Exception, match="NO_SUCH_TYPE"):
+        step(jnp.zeros(2), {"image": np.zeros((8, 2, 2, 3), np.float32)}, jax.random.key(0))
+
 def _config(name):
     from ldm_jax.training.config_overrides import load_config
 

@@ -87,3 +87,14 @@ def test_bad_class_inputs(params):
     pipe = LatentDiffusionPipeline(LatentDiffusionCheckpoint(no_null, params))
     with pytest.raises(ValueError, match="needs a null class.*pass guidance_scale=1"):
         pipe(class_labels=[1], guidance_scale=3.0)
+
+
+def test_pipeline_is_compiled_with_ldm_jax_compile_options(params, monkeypatch):
+    import ldm_jax.pipeline  # noqa: PLC0415
+
+    # an option value XLA rejects: sampling only fails if the options reach the pipeline's jit
+    monkeypatch.setattr(ldm_jax.pipeline, "compiler_options",
+                        lambda: {"xla_cpu_experimental_ynn_fusion_type": "NO_SUCH_TYPE"})
+    pipe = LatentDiffusionPipeline(LatentDiffusionCheckpoint(CLASS_SPEC, params))
+    with pytest.raises(Exception, match="NO_SUCH_TYPE"):
+        pipe(class_labels=[1], num_inference_steps=1)

@@ -239,3 +239,16 @@ def test_mismatched_init_params_name_the_wrong_entries(mesh):
         init_ldm_state(CLASS_SPEC, LDMTrainConfig(), tx, mesh, init_params=params)
     with pytest.raises(ValueError, match="has networks"):
         init_ldm_state(CLASS_SPEC, LDMTrainConfig(), tx, mesh, init_params={"vae": {}})
+
+
+def test_step_is_compiled_with_ldm_jax_compile_options(mesh, monkeypatch):
+    # an option value XLA rejects: the step only fails to compile if the options reach its jit
+    monkeypatch.setattr(ldm_step, "compiler_options",
+                        lambda: {"xla_cpu_experimental_ynn_fusion_type": "NO_SUCH_TYPE"})
+    cfg = LDMTrainConfig()
+    tx, schedule = make_optimizer(dict(learning_rate=1e-3, warmup_steps=0, weight_decay=0.0))
+    state, frozen = init_ldm_state(CLASS_SPEC, cfg, tx, mesh, init_params=random_params(CLASS_SPEC))
+    step = make_ldm_train_step(CLASS_SPEC, cfg, tx, schedule, mesh)
+    batch = {"latents": jnp.zeros((8, 8, 8, 4)), "class_label": jnp.zeros((8,), jnp.int32)}
+    with pytest.raises(Exception, match="NO_SUCH_TYPE"):
+        step(state, frozen, batch, jax.random.key(0))
