@@ -2,7 +2,7 @@
 
 import sys
 
-from ldm_jax.sampling_cli import main
+from ldm_jax.cli.sample import main
 
 if __name__ == "__main__":
     sys.exit(main())

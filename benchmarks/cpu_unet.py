@@ -88,7 +88,7 @@ def measure_torch(args) -> dict:
     import torch
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from ldm_jax.checkpoints.diffusers_unet import diffusers_unet_config
+    from ldm_jax.checkpoints.diffusers.unet import diffusers_unet_config
 
     config = unet_config(args.model)
     _, kwargs = diffusers_unet_config(config)

@@ -16,14 +16,14 @@ def run_jax(args) -> None:
     import numpy as np
     import optax
 
-    from ldm_jax.checkpoints.networks import abstract_checkpoint_params
-    from ldm_jax.checkpoints.spec import LatentDiffusionCheckpoint
+    from ldm_jax.checkpoints import LatentDiffusionCheckpoint
     from ldm_jax.diffusion import make_schedule
     from ldm_jax.diffusion.schedules import q_sample
     from ldm_jax.models.autoencoder import AutoencoderKL
     from ldm_jax.models.clip_text import CLIPTextTransformer
+    from ldm_jax.models.factory import abstract_checkpoint_params
     from ldm_jax.models.unet import UNet
-    from ldm_jax.pipeline import LatentDiffusionPipeline
+    from ldm_jax.sampling.pipeline import LatentDiffusionPipeline
     from ldm_jax.tokenizers.clip import CLIPTokenizer
 
     deadline = args.deadline

@@ -64,7 +64,7 @@ def model_configs(tiny: bool) -> dict:
 
 
 def model_spec(configs: dict):
-    from ldm_jax.checkpoints.spec import CondStageSpec, DiffusionSpec, ModelSpec
+    from ldm_jax.spec import CondStageSpec, DiffusionSpec, ModelSpec
 
     latent = configs["image"] // configs["vae"].downsample_factor
     return ModelSpec(
@@ -87,11 +87,11 @@ def count_model_flops(tiny: bool, train_batch: int, steps: int) -> dict:
     import jax.numpy as jnp
     import optax
 
-    from ldm_jax.checkpoints.networks import abstract_checkpoint_params
     from ldm_jax.diffusion import make_schedule
     from ldm_jax.diffusion.schedules import q_sample
     from ldm_jax.models.autoencoder import AutoencoderKL
     from ldm_jax.models.clip_text import CLIPTextTransformer
+    from ldm_jax.models.factory import abstract_checkpoint_params
     from ldm_jax.models.unet import UNet
 
     configs = model_configs(tiny)

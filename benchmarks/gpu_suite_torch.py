@@ -14,9 +14,9 @@ def run_torch(args) -> None:
     import transformers
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from ldm_jax.checkpoints.diffusers_autoencoder import diffusers_config
-    from ldm_jax.checkpoints.diffusers_unet import diffusers_unet_config
-    from ldm_jax.checkpoints.export_diffusers import clip_transformers_config
+    from ldm_jax.checkpoints.diffusers.autoencoder import diffusers_config
+    from ldm_jax.checkpoints.diffusers.export import clip_transformers_config
+    from ldm_jax.checkpoints.diffusers.unet import diffusers_unet_config
 
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")

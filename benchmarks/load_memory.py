@@ -26,10 +26,10 @@ GB = 1e9
 
 
 def sd15_spec():
-    from ldm_jax.checkpoints.spec import CondStageSpec, ModelSpec
     from ldm_jax.presets.autoencoders import SD_VAE
     from ldm_jax.presets.text_encoders import CLIP_TEXT_PRESETS
     from ldm_jax.presets.unets import UNET_PRESETS
+    from ldm_jax.spec import CondStageSpec, ModelSpec
 
     clip = CondStageSpec("clip", CLIP_TEXT_PRESETS["clip-vit-l-14"])
     return ModelSpec(first_stage=SD_VAE, unet=UNET_PRESETS["sd-v1"], cond_stage=clip)
@@ -37,9 +37,9 @@ def sd15_spec():
 
 def tensor_shapes(spec) -> dict[str, tuple[int, ...]]:
     """PyTorch shapes of every key of the CompVis file of `spec`, without any parameters."""
-    from ldm_jax.checkpoints.compvis import compvis_checkpoint_table
+    from ldm_jax.checkpoints.compvis.checkpoint_table import compvis_checkpoint_table
     from ldm_jax.checkpoints.key_table import KeyMap, flatten_params
-    from ldm_jax.checkpoints.networks import abstract_checkpoint_params
+    from ldm_jax.models.factory import abstract_checkpoint_params
 
     table = compvis_checkpoint_table(spec)
     abstract = flatten_params(abstract_checkpoint_params(spec))
@@ -91,7 +91,7 @@ def measure(path: str, dtype_name: str) -> None:
     import jax
     import jax.numpy as jnp
 
-    from ldm_jax.checkpoints.load import load_checkpoint
+    from ldm_jax.checkpoints import load_checkpoint
 
     jnp.zeros(1).block_until_ready()  # start the runtime before the baseline
     baseline = rss_bytes()

@@ -42,7 +42,7 @@ WEIGHT_SCALE = 0.02  # std of the random weights (0.1 overflows SD 1.5's deep st
 
 # --- the model ---------------------------------------------------------------------------------
 def model_spec(name: str):
-    from ldm_jax.checkpoints.spec import CondStageSpec, DiffusionSpec, ModelSpec
+    from ldm_jax.spec import CondStageSpec, DiffusionSpec, ModelSpec
 
     if name == "sd15":
         from ldm_jax.presets.autoencoders import SD_VAE
@@ -67,9 +67,9 @@ def write_random_folder(name: str, folder: Path) -> int:
     """Write a random-weight diffusers folder of model `name`; returns the parameter count."""
     import jax
 
-    from ldm_jax.checkpoints.export_diffusers import save_diffusers
-    from ldm_jax.checkpoints.networks import abstract_checkpoint_params
-    from ldm_jax.checkpoints.spec import LatentDiffusionCheckpoint
+    from ldm_jax.checkpoints import LatentDiffusionCheckpoint
+    from ldm_jax.checkpoints.diffusers.export import save_diffusers
+    from ldm_jax.models.factory import abstract_checkpoint_params
 
     spec = model_spec(name)
     rng = np.random.default_rng(0)
@@ -101,7 +101,7 @@ def measure_ours(args) -> dict:
     import jax.numpy as jnp
     import jaxlib
 
-    from ldm_jax.pipeline import LatentDiffusionPipeline
+    from ldm_jax.sampling.pipeline import LatentDiffusionPipeline
 
     start = time.perf_counter()
     pipe = LatentDiffusionPipeline.from_pretrained(args.folder, dtype=jnp.dtype(args.dtype))

@@ -32,10 +32,10 @@ def _parse(argv):
 
 
 def sd15_spec():
-    from ldm_jax.checkpoints.spec import CondStageSpec, ModelSpec
     from ldm_jax.presets.autoencoders import SD_VAE
     from ldm_jax.presets.text_encoders import CLIP_TEXT_PRESETS
     from ldm_jax.presets.unets import UNET_PRESETS
+    from ldm_jax.spec import CondStageSpec, ModelSpec
 
     clip = CondStageSpec("clip", CLIP_TEXT_PRESETS["clip-vit-l-14"])
     return ModelSpec(first_stage=SD_VAE, unet=UNET_PRESETS["sd-v1"], cond_stage=clip)
@@ -43,7 +43,7 @@ def sd15_spec():
 
 def tiny_spec():
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-    from tiny_specs import SD1_LIKE
+    from support.tiny_specs import SD1_LIKE
 
     return SD1_LIKE
 
@@ -119,7 +119,7 @@ def main(argv=None) -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
 
-    from ldm_jax.checkpoints.networks import abstract_checkpoint_params
+    from ldm_jax.models.factory import abstract_checkpoint_params
     from ldm_jax.models.params import count_params
     from ldm_jax.training.sharding import make_mesh
 

@@ -8,8 +8,8 @@ No LPIPS by default (its VGG16 weights are a download; see ldm_jax/training/lpip
 the discriminator switches on at step 50. Same code path as the published configs.
 """
 
-from ldm_jax.checkpoints.spec import ModelSpec, spec_to_dict
 from ldm_jax.models.autoencoder import AutoencoderConfig
+from ldm_jax.spec import ModelSpec, spec_to_dict
 from ldm_jax.training.autoencoder_task import loss_config
 from ldm_jax.training.base_config import base_config, train_config
 

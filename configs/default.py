@@ -25,11 +25,11 @@ measured run (`python -m ldm_jax.eval.adherence --checkpoint runs/default/model 
 
 import ml_collections
 
-from ldm_jax.checkpoints.spec import CondStageSpec, DiffusionSpec, ModelSpec, spec_to_dict
 from ldm_jax.data.shapes import SAMPLE_PROMPTS
 from ldm_jax.models.autoencoder import AutoencoderConfig
 from ldm_jax.models.clip_text import CLIPTextConfig
 from ldm_jax.models.unet import UNetConfig
+from ldm_jax.spec import CondStageSpec, DiffusionSpec, ModelSpec, spec_to_dict
 from ldm_jax.training.base_config import base_config, train_config
 
 IMAGE_SIZE = 32

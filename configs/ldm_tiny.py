@@ -7,10 +7,10 @@ Seconds per step on a laptop CPU; the same code path as the real configs (sharde
 frozen first stage encoding images inside the step, CLIP text conditioning with dropout, EMA).
 """
 
-from ldm_jax.checkpoints.spec import CondStageSpec, DiffusionSpec, ModelSpec, spec_to_dict
 from ldm_jax.models.autoencoder import AutoencoderConfig
 from ldm_jax.models.clip_text import CLIPTextConfig
 from ldm_jax.models.unet import UNetConfig
+from ldm_jax.spec import CondStageSpec, DiffusionSpec, ModelSpec, spec_to_dict
 from ldm_jax.training.base_config import base_config, train_config
 
 TINY_SPEC = ModelSpec(

@@ -10,10 +10,10 @@ it directly here), EMA 0.9999, 32x32x4 latents. `first_stage_from` is the traine
 (an ldm_jax autoencoder run's export or CompVis's kl-f8); `tokenizer` gives the BERT vocabulary.
 """
 
-from ldm_jax.checkpoints.spec import CondStageSpec, DiffusionSpec, ModelSpec, spec_to_dict
 from ldm_jax.presets.autoencoders import AUTOENCODER_PRESETS
 from ldm_jax.presets.text_encoders import ldm_bert_preset
 from ldm_jax.presets.unets import UNET_PRESETS
+from ldm_jax.spec import CondStageSpec, DiffusionSpec, ModelSpec, spec_to_dict
 from ldm_jax.training.base_config import base_config, train_config
 
 SPEC = ModelSpec(

@@ -10,10 +10,10 @@ The CLIP text encoder is random as well unless `init_from`-style weights are giv
 training start from configs/sd15_finetune.py instead.
 """
 
-from ldm_jax.checkpoints.spec import CondStageSpec, DiffusionSpec, ModelSpec, spec_to_dict
 from ldm_jax.presets.autoencoders import SD_VAE
 from ldm_jax.presets.text_encoders import clip_text_preset
 from ldm_jax.presets.unets import UNET_PRESETS
+from ldm_jax.spec import CondStageSpec, DiffusionSpec, ModelSpec, spec_to_dict
 from ldm_jax.training.base_config import base_config, train_config
 
 SPEC = ModelSpec(

@@ -6,9 +6,10 @@ import json
 import numpy as np
 import pytest
 from scipy import ndimage
-from tiny_specs import SD1_LIKE, random_params
+from support.tiny_specs import SD1_LIKE, random_params
 
-from ldm_jax.checkpoints.spec import DiffusionSpec, LatentDiffusionCheckpoint
+from ldm_jax.checkpoints import LatentDiffusionCheckpoint
+from ldm_jax.cli import adherence as adherence_cli
 from ldm_jax.data.shapes import (
     Placement,
     Scene,
@@ -18,7 +19,7 @@ from ldm_jax.data.shapes import (
     generate_scene,
     render,
 )
-from ldm_jax.eval import adherence, adherence_cli
+from ldm_jax.eval import adherence
 from ldm_jax.eval.adherence import (
     METRICS,
     DetectedObject,
@@ -28,6 +29,7 @@ from ldm_jax.eval.adherence import (
     shape_features,
     summarize,
 )
+from ldm_jax.spec import DiffusionSpec
 from ldm_jax.tokenizers import CLIPTokenizer
 
 N = 200

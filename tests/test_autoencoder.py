@@ -9,14 +9,15 @@ import pytest
 import torch
 from diffusers import AutoencoderKL as TorchAutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from torch_reference import nchw, nhwc, state_dict_numpy
+from references.torch_reference import nchw, nhwc, state_dict_numpy
 
-from ldm_jax.checkpoints.diffusers_autoencoder import (
+from ldm_jax.checkpoints.diffusers.autoencoder import (
     autoencoder_kl_table,
     config_from_diffusers,
     diffusers_config,
 )
-from ldm_jax.checkpoints.key_table import CheckpointMismatchError, flatten_params
+from ldm_jax.checkpoints.errors import CheckpointMismatchError
+from ldm_jax.checkpoints.key_table import flatten_params
 from ldm_jax.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm_jax.models.distributions import DiagonalGaussian
 from ldm_jax.models.params import abstract_params, count_params

@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
-from lpips_reference import reference_lpips  # noqa: E402
+from references.lpips_reference import reference_lpips  # noqa: E402
 
 from ldm_jax.models.distributions import DiagonalGaussian  # noqa: E402
 from ldm_jax.models.layers import conv  # noqa: E402

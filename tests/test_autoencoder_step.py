@@ -12,11 +12,11 @@ import numpy as np
 import optax
 import pytest
 
-from ldm_jax.checkpoints.load import load_checkpoint
-from ldm_jax.checkpoints.spec import LatentDiffusionCheckpoint, ModelSpec, spec_to_dict
+from ldm_jax.checkpoints import LatentDiffusionCheckpoint, load_checkpoint
 from ldm_jax.models.autoencoder import AutoencoderConfig
 from ldm_jax.models.vq import VQConfig
 from ldm_jax.presets.autoencoders import AUTOENCODER_PRESETS
+from ldm_jax.spec import ModelSpec, spec_to_dict
 from ldm_jax.training import autoencoder_loss as L
 from ldm_jax.training import autoencoder_step as S
 from ldm_jax.training import loop

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from torch_reference import randomize_
+from references.torch_reference import randomize_
 
-from ldm_jax.checkpoints.key_table import CheckpointMismatchError
+from ldm_jax.checkpoints.errors import CheckpointMismatchError
 from ldm_jax.checkpoints.transformers_clip import (
     TEXT_MODEL_PREFIX,
     clip_text_abstract_params,

@@ -21,17 +21,18 @@ from diffusers.loaders.single_file_utils import (
     update_vae_attentions_ldm_to_diffusers,
 )
 
-from ldm_jax.checkpoints.compvis_autoencoder import (
+from ldm_jax.checkpoints.compvis.autoencoder import (
     compvis_autoencoder_table,
     compvis_first_stage_table,
     compvis_vq_table,
 )
-from ldm_jax.checkpoints.diffusers_autoencoder import (
+from ldm_jax.checkpoints.diffusers.autoencoder import (
     autoencoder_kl_table,
     diffusers_config,
     vq_model_table,
 )
-from ldm_jax.checkpoints.key_table import CheckpointMismatchError, flatten_params
+from ldm_jax.checkpoints.errors import CheckpointMismatchError
+from ldm_jax.checkpoints.key_table import flatten_params
 from ldm_jax.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm_jax.models.params import abstract_params
 from ldm_jax.models.vq import VQConfig, VQModel

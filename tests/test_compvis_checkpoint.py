@@ -10,7 +10,8 @@ import pytest
 import torch
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-from ldm_jax.checkpoints.compvis import (
+from ldm_jax.checkpoints.compvis.autoencoder import compvis_first_stage_table
+from ldm_jax.checkpoints.compvis.checkpoint_table import (
     COMPVIS_IGNORABLE,
     DIFFUSION_BUFFERS,
     SCALE_FACTOR_KEY,
@@ -20,11 +21,10 @@ from ldm_jax.checkpoints.compvis import (
     has_ema_weights,
     without_training_loss,
 )
-from ldm_jax.checkpoints.compvis_autoencoder import compvis_first_stage_table
-from ldm_jax.checkpoints.compvis_unet import compvis_unet_table
-from ldm_jax.checkpoints.diffusers_unet import diffusers_unet_config, diffusers_unet_table
-from ldm_jax.checkpoints.key_table import CheckpointMismatchError, flatten_params
-from ldm_jax.checkpoints.spec import CondStageSpec, ModelSpec
+from ldm_jax.checkpoints.compvis.unet import compvis_unet_table
+from ldm_jax.checkpoints.diffusers.unet import diffusers_unet_config, diffusers_unet_table
+from ldm_jax.checkpoints.errors import CheckpointMismatchError
+from ldm_jax.checkpoints.key_table import flatten_params
 from ldm_jax.checkpoints.transformers_clip import clip_text_abstract_params
 from ldm_jax.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm_jax.models.clip_text import CLIPTextConfig
@@ -38,6 +38,7 @@ from ldm_jax.models.ldm_bert import LDMBert, LDMBertConfig
 from ldm_jax.models.params import abstract_params
 from ldm_jax.models.unet import UNet, UNetConfig
 from ldm_jax.models.vq import VQConfig, VQModel
+from ldm_jax.spec import CondStageSpec, ModelSpec
 
 CLIP = CLIPTextConfig(vocab_size=99, max_length=16, width=32, num_layers=2, num_heads=4, mlp_dim=37)
 UNET = UNetConfig(

@@ -16,9 +16,9 @@ from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import (
     LDMBertConfig as DiffusersLDMBertConfig,
 )
 from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertModel
-from torch_reference import randomize_
+from references.torch_reference import randomize_
 
-from ldm_jax.checkpoints.compvis_text import (
+from ldm_jax.checkpoints.compvis.text import (
     compvis_class_embedder_table,
     compvis_clip_table,
     compvis_cond_stage_table,
@@ -26,9 +26,9 @@ from ldm_jax.checkpoints.compvis_text import (
     compvis_openclip_table,
     compvis_spatial_rescaler_table,
 )
-from ldm_jax.checkpoints.diffusers_ldm_bert import ldm_bert_abstract_params, ldm_bert_key_table
-from ldm_jax.checkpoints.key_table import CheckpointMismatchError, flatten_params
-from ldm_jax.checkpoints.spec import CondStageSpec
+from ldm_jax.checkpoints.diffusers.ldm_bert import ldm_bert_abstract_params, ldm_bert_key_table
+from ldm_jax.checkpoints.errors import CheckpointMismatchError
+from ldm_jax.checkpoints.key_table import flatten_params
 from ldm_jax.checkpoints.transformers_clip import clip_text_abstract_params, clip_text_key_table
 from ldm_jax.models.clip_text import CLIPTextConfig
 from ldm_jax.models.conditioning import (
@@ -39,6 +39,7 @@ from ldm_jax.models.conditioning import (
 from ldm_jax.models.ldm_bert import LDMBertConfig
 from ldm_jax.models.params import abstract_params
 from ldm_jax.presets.text_encoders import clip_text_preset
+from ldm_jax.spec import CondStageSpec
 
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPENCLIP_PREFIX = "cond_stage_model.model."

@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 import torch
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-from openaimodel_reference import _Net, unet_forward
+from references.openaimodel_reference import _Net, unet_forward
 
-from ldm_jax.checkpoints.compvis_unet import compvis_unet_table
-from ldm_jax.checkpoints.diffusers_unet import diffusers_unet_config, diffusers_unet_table
-from ldm_jax.checkpoints.key_table import CheckpointMismatchError, flatten_params
+from ldm_jax.checkpoints.compvis.unet import compvis_unet_table
+from ldm_jax.checkpoints.diffusers.unet import diffusers_unet_config, diffusers_unet_table
+from ldm_jax.checkpoints.errors import CheckpointMismatchError
+from ldm_jax.checkpoints.key_table import flatten_params
 from ldm_jax.models.params import abstract_params
 from ldm_jax.models.unet import UNet, UNetConfig
 from ldm_jax.presets.unets import UNET_PRESETS

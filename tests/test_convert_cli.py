@@ -6,10 +6,10 @@ import sys
 import numpy as np
 import pytest
 import safetensors.numpy
-from tiny_specs import SD1_LIKE, random_params
+from support.tiny_specs import SD1_LIKE, random_params
 
-from ldm_jax.checkpoints.compvis import compvis_checkpoint_table
-from ldm_jax.checkpoints.load import load_checkpoint
+from ldm_jax.checkpoints import load_checkpoint
+from ldm_jax.checkpoints.compvis.checkpoint_table import compvis_checkpoint_table
 
 
 def _convert(*args):

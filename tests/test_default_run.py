@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm_jax import sampling_cli
-from ldm_jax.checkpoints.spec import LatentDiffusionCheckpoint
+from ldm_jax.checkpoints import LatentDiffusionCheckpoint
+from ldm_jax.cli import sample as sampling_cli
 from ldm_jax.training import default_task, loop, tasks
 from ldm_jax.training.config_overrides import load_config
 

@@ -3,9 +3,9 @@
 import dataclasses
 
 import pytest
-from tiny_specs import SD1_LIKE, random_params
+from support.tiny_specs import SD1_LIKE, random_params
 
-from ldm_jax.checkpoints.spec import LatentDiffusionCheckpoint
+from ldm_jax.checkpoints import LatentDiffusionCheckpoint
 
 
 @pytest.mark.parametrize("fmt", ["diffusers", "compvis"])

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import safetensors
 import torch
-from tiny_specs import SD1_LIKE, random_params
+from support.tiny_specs import SD1_LIKE, random_params
 
-from ldm_jax.checkpoints.atomic import DestinationExistsError
-from ldm_jax.checkpoints.export_compvis import SPEC_METADATA_KEY
-from ldm_jax.checkpoints.save import save_checkpoint
-from ldm_jax.checkpoints.spec import LatentDiffusionCheckpoint, spec_from_dict
+from ldm_jax.atomic import DestinationExistsError
+from ldm_jax.checkpoints import LatentDiffusionCheckpoint, save_checkpoint
+from ldm_jax.checkpoints.compvis.export import SPEC_METADATA_KEY
+from ldm_jax.spec import spec_from_dict
 
 
 @pytest.fixture(scope="module")

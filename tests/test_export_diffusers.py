@@ -10,17 +10,19 @@ import numpy as np
 import pytest
 import safetensors
 import torch
-from tiny_specs import SD1_LIKE, UNCONDITIONAL_VQ, random_params
-from torch_reference import nchw, nhwc
+from references.torch_reference import nchw, nhwc
+from support.tiny_specs import SD1_LIKE, UNCONDITIONAL_VQ, random_params
 
-from ldm_jax.checkpoints.atomic import DestinationExistsError
-from ldm_jax.checkpoints.export_diffusers import UnsupportedExportError, save_diffusers
-from ldm_jax.checkpoints.spec import CondStageSpec, DiffusionSpec, LatentDiffusionCheckpoint
+from ldm_jax.atomic import DestinationExistsError
+from ldm_jax.checkpoints import LatentDiffusionCheckpoint
+from ldm_jax.checkpoints.diffusers.export import save_diffusers
+from ldm_jax.checkpoints.errors import UnsupportedExportError
 from ldm_jax.models.autoencoder import AutoencoderKL
 from ldm_jax.models.clip_text import CLIPTextTransformer
 from ldm_jax.models.conditioning import ClassEmbedderConfig
 from ldm_jax.models.unet import UNet
 from ldm_jax.models.vq import VQModel
+from ldm_jax.spec import CondStageSpec, DiffusionSpec
 
 RNG = np.random.default_rng(0)
 LATENTS = RNG.standard_normal((2, 8, 8, 4)).astype(np.float32)

@@ -3,13 +3,8 @@
 import numpy as np
 import pytest
 
-from ldm_jax.checkpoints.key_table import (
-    CheckpointMismatchError,
-    KeyTable,
-    Transform,
-    fused_key_map,
-    key_map,
-)
+from ldm_jax.checkpoints.errors import CheckpointMismatchError
+from ldm_jax.checkpoints.key_table import KeyTable, Transform, fused_key_map, key_map
 
 RNG = np.random.default_rng(0)
 

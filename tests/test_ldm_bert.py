@@ -9,14 +9,14 @@ from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import (
     LDMBertConfig as DiffusersLDMBertConfig,
 )
 from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertModel
-from torch_reference import randomize_
+from references.torch_reference import randomize_
 
-from ldm_jax.checkpoints.diffusers_ldm_bert import (
+from ldm_jax.checkpoints.diffusers.ldm_bert import (
     ldm_bert_abstract_params,
     ldm_bert_from_torch,
     ldm_bert_to_torch,
 )
-from ldm_jax.checkpoints.key_table import CheckpointMismatchError
+from ldm_jax.checkpoints.errors import CheckpointMismatchError
 from ldm_jax.models.ldm_bert import LDMBert, LDMBertConfig
 from ldm_jax.models.params import count_params
 from ldm_jax.presets.text_encoders import ldm_bert_preset

@@ -10,21 +10,23 @@ import pytest
 import safetensors.numpy
 import torch
 import yaml
-from checkpoint_files import assert_same_params, write_state_dict
-from compvis_family_specs import CLASS_LDM, SD1, SD2, VAE, compvis_state_dict
 from diffusers.loaders import single_file_utils as diffusers_single_file
-from tiny_specs import random_params
+from support.checkpoint_files import assert_same_params, write_state_dict
+from support.compvis_family_specs import CLASS_LDM, SD1, SD2, VAE, compvis_state_dict
+from support.tiny_specs import random_params
 
-from ldm_jax.checkpoints.compvis import compvis_checkpoint_table
-from ldm_jax.checkpoints.detect import ArchitectureError
-from ldm_jax.checkpoints.diffusers_autoencoder import autoencoder_kl_table, diffusers_config
-from ldm_jax.checkpoints.diffusers_unet import diffusers_unet_config, diffusers_unet_table
-from ldm_jax.checkpoints.files import CheckpointFileError
-from ldm_jax.checkpoints.key_table import CheckpointMismatchError
-from ldm_jax.checkpoints.load import load_checkpoint
-from ldm_jax.checkpoints.spec import DiffusionSpec, ModelSpec
+from ldm_jax.checkpoints import load_checkpoint
+from ldm_jax.checkpoints.compvis.checkpoint_table import compvis_checkpoint_table
+from ldm_jax.checkpoints.diffusers.autoencoder import autoencoder_kl_table, diffusers_config
+from ldm_jax.checkpoints.diffusers.unet import diffusers_unet_config, diffusers_unet_table
+from ldm_jax.checkpoints.errors import (
+    ArchitectureError,
+    CheckpointFileError,
+    CheckpointMismatchError,
+)
 from ldm_jax.checkpoints.transformers_clip import clip_text_to_torch
 from ldm_jax.models.unet import UNetConfig
+from ldm_jax.spec import DiffusionSpec, ModelSpec
 from ldm_jax.tokenizers import CLIPTokenizer
 
 

@@ -11,16 +11,18 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
-from tiny_pipelines import TEXT_WIDTH, sd_pipeline
-from torch_reference import nchw, nhwc, randomize_
+from references.torch_reference import nchw, nhwc, randomize_
+from support.tiny_pipelines import TEXT_WIDTH, sd_pipeline
 
-from ldm_jax.checkpoints.detect import ArchitectureError
-from ldm_jax.checkpoints.diffusers_autoencoder import vq_model_table
-from ldm_jax.checkpoints.diffusers_unet import diffusers_unet_config
-from ldm_jax.checkpoints.diffusers_unet_config import unet_config_from_diffusers
-from ldm_jax.checkpoints.files import CheckpointFileError
-from ldm_jax.checkpoints.key_table import CheckpointMismatchError
-from ldm_jax.checkpoints.load import load_checkpoint
+from ldm_jax.checkpoints import load_checkpoint
+from ldm_jax.checkpoints.diffusers.autoencoder import vq_model_table
+from ldm_jax.checkpoints.diffusers.unet import diffusers_unet_config
+from ldm_jax.checkpoints.diffusers.unet_config import unet_config_from_diffusers
+from ldm_jax.checkpoints.errors import (
+    ArchitectureError,
+    CheckpointFileError,
+    CheckpointMismatchError,
+)
 from ldm_jax.models.autoencoder import AutoencoderKL
 from ldm_jax.models.clip_text import CLIPTextTransformer
 from ldm_jax.models.params import abstract_params

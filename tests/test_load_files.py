@@ -13,12 +13,8 @@ import safetensors.numpy
 import torch
 
 from ldm_jax.checkpoints import files
-from ldm_jax.checkpoints.files import (
-    CheckpointFileError,
-    MergedTensorFiles,
-    TorchFile,
-    open_tensor_file,
-)
+from ldm_jax.checkpoints.errors import CheckpointFileError
+from ldm_jax.checkpoints.files import MergedTensorFiles, TorchFile, open_tensor_file
 
 RNG = np.random.default_rng(0)
 TENSORS = {

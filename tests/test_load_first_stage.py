@@ -3,14 +3,14 @@ the training loss's keys besides the autoencoder's."""
 
 import numpy as np
 import pytest
-from checkpoint_files import assert_same_params, write_state_dict
-from tiny_specs import random_params
+from support.checkpoint_files import assert_same_params, write_state_dict
+from support.tiny_specs import random_params
 
-from ldm_jax.checkpoints.compvis import compvis_checkpoint_table
-from ldm_jax.checkpoints.load import load_checkpoint
-from ldm_jax.checkpoints.spec import ModelSpec
+from ldm_jax.checkpoints import load_checkpoint
+from ldm_jax.checkpoints.compvis.checkpoint_table import compvis_checkpoint_table
 from ldm_jax.models.autoencoder import AutoencoderConfig
 from ldm_jax.models.vq import VQConfig
+from ldm_jax.spec import ModelSpec
 
 FIRST_STAGES = {
     "kl": AutoencoderConfig(

@@ -1,5 +1,5 @@
 """LPIPS-VGG16 parity with the `lpips` PyTorch package (same random trunk, the package's heads;
-see tests/lpips_reference.py), and the weight conversion CLI."""
+see tests/references/lpips_reference.py), and the weight conversion CLI."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from lpips_reference import reference_lpips  # noqa: E402
+from references.lpips_reference import reference_lpips  # noqa: E402
 
 from ldm_jax.training.lpips import LPIPS  # noqa: E402
 from ldm_jax.training.lpips_weights import (  # noqa: E402

@@ -4,7 +4,7 @@ import json
 import pathlib
 
 from PIL import Image
-from tiny_pipelines import sd_pipeline
+from support.tiny_pipelines import sd_pipeline
 
 NOTEBOOK = pathlib.Path(__file__).resolve().parents[1] / "notebooks" / "ldm_jax_colab.ipynb"
 

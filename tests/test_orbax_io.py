@@ -6,15 +6,12 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from tiny_specs import SD1_LIKE, UNCONDITIONAL_VQ, random_params
+from support.tiny_specs import SD1_LIKE, UNCONDITIONAL_VQ, random_params
 
-from ldm_jax.checkpoints.atomic import DestinationExistsError
-from ldm_jax.checkpoints.orbax_io import (
-    OrbaxCheckpointError,
-    restore_orbax,
-    save_orbax,
-)
-from ldm_jax.checkpoints.spec import LatentDiffusionCheckpoint
+from ldm_jax.atomic import DestinationExistsError
+from ldm_jax.checkpoints import LatentDiffusionCheckpoint
+from ldm_jax.checkpoints.errors import OrbaxCheckpointError
+from ldm_jax.checkpoints.orbax import restore_orbax, save_orbax
 
 
 def _assert_trees_equal(a, b):

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_pipelines import sd_pipeline
+from support.tiny_pipelines import sd_pipeline
 
-from ldm_jax.checkpoints import CondStageSpec, LatentDiffusionCheckpoint
+from ldm_jax.checkpoints import LatentDiffusionCheckpoint
 from ldm_jax.models.conditioning import SpatialRescalerConfig
-from ldm_jax.pipeline import LatentDiffusionPipeline, TimestepConfig
+from ldm_jax.sampling.pipeline import LatentDiffusionPipeline, TimestepConfig
+from ldm_jax.spec import CondStageSpec
 
 PROMPTS = ["a photo of a cat", "an oil painting of a harbour"]
 NEGATIVES = ["blurry", "low quality, jpeg artefacts"]

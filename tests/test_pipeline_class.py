@@ -6,13 +6,14 @@ import dataclasses
 import diffusers
 import numpy as np
 import pytest
-from tiny_pipelines import reference_ddim
-from tiny_specs import SD1_LIKE, random_params
+from support.tiny_pipelines import reference_ddim
+from support.tiny_specs import SD1_LIKE, random_params
 
-from ldm_jax.checkpoints import CondStageSpec, LatentDiffusionCheckpoint
-from ldm_jax.checkpoints.networks import network_modules
+from ldm_jax.checkpoints import LatentDiffusionCheckpoint
 from ldm_jax.models.conditioning import ClassEmbedderConfig
-from ldm_jax.pipeline import LatentDiffusionPipeline
+from ldm_jax.models.factory import network_modules
+from ldm_jax.sampling.pipeline import LatentDiffusionPipeline
+from ldm_jax.spec import CondStageSpec
 
 PIXEL_BAR = 2 / 255
 CLASSES = ClassEmbedderConfig(n_classes=11, embed_dim=64, null_class=10)  # 10 labels + null
@@ -90,10 +91,10 @@ def test_bad_class_inputs(params):
 
 
 def test_pipeline_is_compiled_with_ldm_jax_compile_options(params, monkeypatch):
-    import ldm_jax.pipeline  # noqa: PLC0415
+    import ldm_jax.sampling.pipeline  # noqa: PLC0415
 
     # an option value XLA rejects: sampling only fails if the options reach the pipeline's jit
-    monkeypatch.setattr(ldm_jax.pipeline, "compiler_options",
+    monkeypatch.setattr(ldm_jax.sampling.pipeline, "compiler_options",
                         lambda: {"xla_cpu_experimental_ynn_fusion_type": "NO_SUCH_TYPE"})
     pipe = LatentDiffusionPipeline(LatentDiffusionCheckpoint(CLASS_SPEC, params))
     with pytest.raises(Exception, match="NO_SUCH_TYPE"):

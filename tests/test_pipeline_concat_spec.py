@@ -5,13 +5,13 @@ import dataclasses
 import json
 
 import pytest
-from tiny_pipelines import ldm_super_resolution_pipeline
-from tiny_specs import SD1_LIKE, random_params
+from support.tiny_pipelines import ldm_super_resolution_pipeline
+from support.tiny_specs import SD1_LIKE, random_params
 
 from ldm_jax.checkpoints import LatentDiffusionCheckpoint
-from ldm_jax.checkpoints.spec import DiffusionSpec
-from ldm_jax.checkpoints.yaml_config import spec_from_yaml
-from ldm_jax.pipeline_tasks import model_task
+from ldm_jax.checkpoints.compvis.yaml_config import spec_from_yaml
+from ldm_jax.sampling.tasks import model_task
+from ldm_jax.spec import DiffusionSpec
 
 VQ_F2 = {
     "target": "ldm.models.autoencoder.VQModelInterface",

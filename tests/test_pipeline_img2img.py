@@ -6,10 +6,10 @@ import pytest
 import torch
 from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as img2img_module
 from PIL import Image
-from tiny_pipelines import sd_pipeline, torch_noise
+from support.tiny_pipelines import sd_pipeline, torch_noise
 
-from ldm_jax.pipeline import LatentDiffusionPipeline, sampler_iterations
-from ldm_jax.pipeline_inputs import strength_slice
+from ldm_jax.sampling.inputs import strength_slice
+from ldm_jax.sampling.pipeline import LatentDiffusionPipeline, sampler_iterations
 
 PIXEL_BAR = 2 / 255
 PROMPTS = ["a photo of a cat", "an oil painting of a harbour"]

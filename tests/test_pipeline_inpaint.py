@@ -10,14 +10,14 @@ import pytest
 import torch
 from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_inpaint as inpaint_module
 from PIL import Image
-from tiny_pipelines import reference_ddim, sd_inpaint_pipeline, torch_noise
-from tiny_specs import TINY_VQ, random_params
+from support.tiny_pipelines import reference_ddim, sd_inpaint_pipeline, torch_noise
+from support.tiny_specs import TINY_VQ, random_params
 
 from ldm_jax.checkpoints import LatentDiffusionCheckpoint
-from ldm_jax.checkpoints.networks import network_modules
-from ldm_jax.checkpoints.spec import DiffusionSpec, ModelSpec, spec_from_dict, spec_to_dict
+from ldm_jax.models.factory import network_modules
 from ldm_jax.models.unet import UNetConfig
-from ldm_jax.pipeline import LatentDiffusionPipeline
+from ldm_jax.sampling.pipeline import LatentDiffusionPipeline
+from ldm_jax.spec import DiffusionSpec, ModelSpec, spec_from_dict, spec_to_dict
 
 PIXEL_BAR = 2 / 255
 RNG = np.random.default_rng(0)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 from jax.sharding import PartitionSpec
-from tiny_pipelines import ldm_pipeline, ldm_super_resolution_pipeline, torch_noise
+from support.tiny_pipelines import ldm_pipeline, ldm_super_resolution_pipeline, torch_noise
 
-from ldm_jax.pipeline import LatentDiffusionPipeline, sampler_iterations
+from ldm_jax.sampling.pipeline import LatentDiffusionPipeline, sampler_iterations
 
 PIXEL_BAR = 2 / 255
 

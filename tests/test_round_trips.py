@@ -8,12 +8,15 @@ import safetensors
 import safetensors.numpy
 import torch
 import transformers
-from tiny_pipelines import sd_pipeline
-from tiny_specs import SD1_LIKE, random_params
+from support.tiny_pipelines import sd_pipeline
+from support.tiny_specs import SD1_LIKE, random_params
 
-from ldm_jax.checkpoints.compvis import COMPVIS_IGNORABLE, compvis_checkpoint_table, ema_key
-from ldm_jax.checkpoints.load import load_checkpoint
-from ldm_jax.checkpoints.save import save_checkpoint
+from ldm_jax.checkpoints import load_checkpoint, save_checkpoint
+from ldm_jax.checkpoints.compvis.checkpoint_table import (
+    COMPVIS_IGNORABLE,
+    compvis_checkpoint_table,
+    ema_key,
+)
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 

@@ -2,10 +2,10 @@
 
 import pytest
 from PIL import Image
-from tiny_pipelines import sd_pipeline
+from support.tiny_pipelines import sd_pipeline
 
-import ldm_jax.progress
-from ldm_jax import sampling_cli
+import ldm_jax.sampling.progress
+from ldm_jax.cli import sample as sampling_cli
 
 
 @pytest.fixture(scope="module")
@@ -21,12 +21,12 @@ def progress_bars(monkeypatch):
     """Every StepProgress the CLI creates, so a test can read the steps it was told about."""
     bars = []
 
-    class Recording(ldm_jax.progress.StepProgress):
+    class Recording(ldm_jax.sampling.progress.StepProgress):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             bars.append(self)
 
-    monkeypatch.setattr(ldm_jax.progress, "StepProgress", Recording)
+    monkeypatch.setattr(ldm_jax.sampling.progress, "StepProgress", Recording)
     return bars
 
 

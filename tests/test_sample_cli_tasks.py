@@ -5,9 +5,9 @@ for every misuse."""
 import numpy as np
 import pytest
 from PIL import Image
-from tiny_pipelines import ldm_pipeline, sd_inpaint_pipeline, sd_pipeline
+from support.tiny_pipelines import ldm_pipeline, sd_inpaint_pipeline, sd_pipeline
 
-from ldm_jax import sampling_cli
+from ldm_jax.cli import sample as sampling_cli
 
 
 @pytest.fixture(scope="module")

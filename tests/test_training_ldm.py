@@ -5,13 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
-from tiny_specs import random_params
+from support.tiny_specs import random_params
 
-from ldm_jax.checkpoints.spec import CondStageSpec, DiffusionSpec, ModelSpec
 from ldm_jax.models.autoencoder import AutoencoderConfig
 from ldm_jax.models.clip_text import CLIPTextConfig
 from ldm_jax.models.conditioning import ClassEmbedderConfig
 from ldm_jax.models.unet import UNetConfig
+from ldm_jax.spec import CondStageSpec, DiffusionSpec, ModelSpec
 from ldm_jax.training import ldm_step
 from ldm_jax.training.ema import ema_decay
 from ldm_jax.training.ldm_step import (

@@ -7,10 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from ldm_jax.checkpoints.spec import CondStageSpec, ModelSpec, spec_to_dict
 from ldm_jax.models.autoencoder import AutoencoderConfig
 from ldm_jax.models.clip_text import CLIPTextConfig
 from ldm_jax.models.unet import UNetConfig
+from ldm_jax.spec import CondStageSpec, ModelSpec, spec_to_dict
 from ldm_jax.training import loop, metrics, tasks
 from ldm_jax.training.checkpointing import Checkpointer
 from ldm_jax.training.config_overrides import load_config

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from ldm_jax.checkpoints.diffusers_unet import diffusers_unet_config, diffusers_unet_table
-from ldm_jax.checkpoints.key_table import CheckpointMismatchError, flatten_params
+from ldm_jax.checkpoints.diffusers.unet import diffusers_unet_config, diffusers_unet_table
+from ldm_jax.checkpoints.errors import CheckpointMismatchError
+from ldm_jax.checkpoints.key_table import flatten_params
 from ldm_jax.models.params import abstract_params
 from ldm_jax.models.unet import UNet, UNetConfig
 from ldm_jax.presets.unets import UNET_PRESETS

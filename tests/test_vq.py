@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 import torch
 from diffusers import VQModel as TorchVQModel
-from torch_reference import nchw, nhwc, state_dict_numpy
+from references.torch_reference import nchw, nhwc, state_dict_numpy
 
-from ldm_jax.checkpoints.diffusers_autoencoder import (
+from ldm_jax.checkpoints.diffusers.autoencoder import (
     config_from_diffusers,
     diffusers_config,
     vq_model_table,
 )
-from ldm_jax.checkpoints.key_table import CheckpointMismatchError, flatten_params
+from ldm_jax.checkpoints.errors import CheckpointMismatchError
+from ldm_jax.checkpoints.key_table import flatten_params
 from ldm_jax.models.params import abstract_params
 from ldm_jax.models.vq import Quantized, VQConfig, VQModel
 from ldm_jax.presets.autoencoders import AUTOENCODER_PRESETS

@@ -23,6 +23,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from ldm_jax.checkpoints.errors import CheckpointFileError
+
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _MAX_PLACEHOLDER_ROUNDS = 8
@@ -54,9 +56,6 @@ _SAFETENSORS_DTYPES = {
     "BOOL": np.bool_,
 }
 
-
-class CheckpointFileError(ValueError):
-    """A checkpoint file is missing, truncated, corrupt, or of an unknown format."""
 
 
 class TensorFile(Mapping):
@@ -334,7 +333,7 @@ def read_params(table, state_dict: Mapping[str, Any], abstract: Any, dtype=None,
     import flax
     import jax.numpy as jnp
 
-    from ldm_jax.checkpoints.key_table import CheckpointMismatchError
+    from ldm_jax.checkpoints.errors import CheckpointMismatchError
 
     try:
         tree = table.to_flax(state_dict, abstract, dtype=dtype)

@@ -15,11 +15,10 @@ from typing import Any
 import flax
 import numpy as np
 
+from ldm_jax.checkpoints.errors import CheckpointMismatchError
+
 _MAX_LISTED = 20
 
-
-class CheckpointMismatchError(ValueError):
-    """A state dict does not fit the architecture it is being loaded into."""
 
 
 class Transform(enum.Enum):
@@ -161,7 +160,7 @@ def _flax_paths(entry: Entry) -> tuple[tuple[str, ...], ...]:
     return entry.flax_paths if isinstance(entry, FusedKeyMap) else (entry.flax_path,)
 
 
-def _listed(keys: Iterable[Any]) -> str:
+def listed(keys: Iterable[Any]) -> str:
     keys = sorted(str(k) for k in keys)
     shown = ", ".join(keys[:_MAX_LISTED])
     more = len(keys) - _MAX_LISTED
@@ -227,13 +226,13 @@ class KeyTable:
             raise CheckpointMismatchError(
                 "key table and model parameters differ:"
                 + (
-                    f" parameters without a table entry: {_listed(map(_path_str, missing))}."
+                    f" parameters without a table entry: {listed(map(_path_str, missing))}."
                     if missing
                     else ""
                 )
                 + (
                     f" table entries for parameters the model lacks: "
-                    f"{_listed(map(_path_str, extra))}."
+                    f"{listed(map(_path_str, extra))}."
                     if extra
                     else ""
                 )
@@ -250,9 +249,9 @@ class KeyTable:
         if missing or unexpected:
             raise CheckpointMismatchError(
                 "checkpoint does not fit this architecture:"
-                + (f" {len(missing)} missing keys: {_listed(missing)}." if missing else "")
+                + (f" {len(missing)} missing keys: {listed(missing)}." if missing else "")
                 + (
-                    f" {len(unexpected)} unexpected keys: {_listed(unexpected)}."
+                    f" {len(unexpected)} unexpected keys: {listed(unexpected)}."
                     if unexpected
                     else ""
                 )
@@ -275,7 +274,7 @@ class KeyTable:
                 flat[path] = array if dtype is None else array.astype(dtype)
         if wrong:
             raise CheckpointMismatchError(
-                f"{len(wrong)} tensors have the wrong shape for this architecture: {_listed(wrong)}"
+                f"{len(wrong)} tensors have the wrong shape for this architecture: {listed(wrong)}"
             )
         return flax.traverse_util.unflatten_dict(flat)
 

@@ -1,5 +1,5 @@
-"""`load_checkpoint`: the one entry point that turns user-supplied weights into a
-`LatentDiffusionCheckpoint` (spec + params + tokenizer).
+"""`read_checkpoint`: the one reader that turns user-supplied weights into `CheckpointContents`
+(spec + params + tokenizer); `ldm_jax.checkpoints.load_checkpoint` wraps it.
 
 Accepted: a CompVis / Stability-AI single file (`.safetensors`, or a pickled `.ckpt`/`.pt`/`.pth`/
 `.bin` read weights-only), a diffusers pipeline folder (with `model_index.json`), or a Hugging Face
@@ -13,18 +13,17 @@ import re
 import warnings
 from pathlib import Path
 
-from ldm_jax.checkpoints.compvis import (
+from ldm_jax.checkpoints.compvis.checkpoint_table import (
     compvis_checkpoint_table,
     ema_state_dict,
     has_ema_weights,
     without_training_loss,
 )
-from ldm_jax.checkpoints.detect import (
-    ArchitectureError,
-    CompVisArchitecture,
-    detect_architecture,
-)
-from ldm_jax.checkpoints.diffusers_folder import (
+from ldm_jax.checkpoints.compvis.detect import CompVisArchitecture, detect_architecture
+from ldm_jax.checkpoints.compvis.export import SPEC_METADATA_KEY
+from ldm_jax.checkpoints.compvis.yaml_config import spec_from_yaml
+from ldm_jax.checkpoints.contents import CheckpointContents
+from ldm_jax.checkpoints.diffusers.folder import (
     FIRST_STAGE_FOLDERS,
     MODEL_INDEX,
     TEXT_FOLDERS,
@@ -32,24 +31,25 @@ from ldm_jax.checkpoints.diffusers_folder import (
     load_diffusers_folder,
     weight_files,
 )
-from ldm_jax.checkpoints.export_compvis import SPEC_METADATA_KEY
+from ldm_jax.checkpoints.errors import (
+    ArchitectureError,
+    CheckpointFileError,
+    CheckpointMismatchError,
+)
 from ldm_jax.checkpoints.files import (
     SAFETENSORS_SUFFIXES,
     TORCH_SUFFIXES,
-    CheckpointFileError,
     open_tensor_file,
     read_params,
 )
-from ldm_jax.checkpoints.key_table import CheckpointMismatchError
-from ldm_jax.checkpoints.networks import abstract_checkpoint_params
-from ldm_jax.checkpoints.orbax_io import SPEC_FILE, is_orbax_checkpoint, restore_orbax
-from ldm_jax.checkpoints.spec import (
+from ldm_jax.checkpoints.orbax import SPEC_FILE, is_orbax_checkpoint, restore_orbax
+from ldm_jax.checkpoints.tokenizer import tokenizer_for_spec
+from ldm_jax.models.factory import abstract_checkpoint_params
+from ldm_jax.spec import (
     PREDICTION_TYPES,
-    LatentDiffusionCheckpoint,
     ModelSpec,
     spec_from_dict,
 )
-from ldm_jax.checkpoints.yaml_config import spec_from_yaml
 
 LOCAL_ACCEPTED = (
     f"a CompVis checkpoint file ({', '.join(SAFETENSORS_SUFFIXES + TORCH_SUFFIXES)}), "
@@ -58,10 +58,9 @@ LOCAL_ACCEPTED = (
 ACCEPTED = f"{LOCAL_ACCEPTED}, or a Hugging Face hub id 'org/name'"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _HUB_FOLDERS = ("unet", *FIRST_STAGE_FOLDERS, *TEXT_FOLDERS)
-_CLIP_VOCAB_SIZE = 49408  # the packaged OpenAI CLIP BPE vocabulary
 
 
-def load_checkpoint(
+def read_checkpoint(
     path_or_id,
     *,
     dtype=None,
@@ -69,7 +68,7 @@ def load_checkpoint(
     config=None,
     use_ema: bool = False,
     tokenizer=None,
-) -> LatentDiffusionCheckpoint:
+) -> CheckpointContents:
     """Load weights from a CompVis file, a diffusers folder or a hub id.
 
     dtype: cast every parameter while loading (e.g. jnp.bfloat16); None keeps the stored dtypes.
@@ -100,8 +99,8 @@ def load_checkpoint(
             )
         checkpoint = restore_orbax(path, dtype=dtype)
         spec = _with_prediction_type(checkpoint.spec, prediction_type, source=path / SPEC_FILE)
-        tokenizer = _tokenizer(spec, tokenizer) if tokenizer else checkpoint.tokenizer
-        return LatentDiffusionCheckpoint(spec, checkpoint.params, tokenizer)
+        tokenizer = tokenizer_for_spec(spec, tokenizer) if tokenizer else checkpoint.tokenizer
+        return CheckpointContents(spec, checkpoint.params, tokenizer)
     if path.is_dir() and not is_diffusers_folder(path):
         raise CheckpointFileError(f"{path} is a folder without {MODEL_INDEX}; accepted: {ACCEPTED}")
     if not path.is_dir():
@@ -115,7 +114,7 @@ def load_checkpoint(
         )
     spec, params, tokenizer_folder = load_diffusers_folder(path, dtype=dtype)
     spec = _with_prediction_type(spec, prediction_type, source=f"{path}/scheduler")
-    return LatentDiffusionCheckpoint(spec, params, _tokenizer(spec, tokenizer or tokenizer_folder))
+    return CheckpointContents(spec, params, tokenizer_for_spec(spec, tokenizer or tokenizer_folder))
 
 
 # ------------------------------------------------------------------ CompVis single files
@@ -168,7 +167,7 @@ def _load_compvis(path: Path, dtype, prediction_type, config, use_ema, tokenizer
                 "yaml config, config=..., if that is wrong)"
             )
             raise CheckpointMismatchError(f"{path} does not fit {how}: {error}") from None
-    return LatentDiffusionCheckpoint(spec, params, _tokenizer(spec, tokenizer))
+    return CheckpointContents(spec, params, tokenizer_for_spec(spec, tokenizer))
 
 
 def _with_prediction_type(spec: ModelSpec, prediction_type: str | None, source) -> ModelSpec:
@@ -197,34 +196,6 @@ def _sd2_v_defaults(spec: ModelSpec, config) -> ModelSpec:
         diffusion = dataclasses.replace(diffusion, latent_size=96)
     unet = dataclasses.replace(spec.unet, upcast_attention=True)
     return dataclasses.replace(spec, unet=unet, diffusion=diffusion)
-
-
-# ------------------------------------------------------------------ tokenizers
-
-
-def _tokenizer(spec: ModelSpec, source=None):
-    """The prompt tokenizer of `spec`'s text encoder, from `source` (a folder or hub id: the
-    caller's `tokenizer=`, or a diffusers folder's `tokenizer/`), else the packaged CLIP BPE."""
-    cond = spec.cond_stage
-    if cond is None or cond.kind not in ("clip", "openclip", "ldm_bert"):
-        return None
-    from ldm_jax.tokenizers import BertTokenizer, CLIPTokenizer
-
-    length = cond.config.max_length
-    if cond.kind == "ldm_bert":
-        if source is None:
-            warnings.warn(
-                "the LDM BERT text encoder needs the bert-base-uncased vocabulary, which a "
-                "CompVis file does not hold: pass tokenizer=<folder or hub id> to attach one",
-                stacklevel=3,
-            )
-            return None
-        return BertTokenizer.from_pretrained(source, max_length=length)
-    if source is not None:
-        return CLIPTokenizer.from_pretrained(source, max_length=length)
-    if cond.config.vocab_size == _CLIP_VOCAB_SIZE:  # the packaged vocabulary fits
-        return CLIPTokenizer.for_cond_stage(cond.kind, max_length=length)
-    return None
 
 
 # ------------------------------------------------------------------ hub ids

@@ -1,15 +1,16 @@
-"""`save_checkpoint(checkpoint, destination, format=...)`: the one export entry point."""
+"""`write_checkpoint(contents, destination, format=...)`: the one writer every export goes through
+(`ldm_jax.checkpoints.save_checkpoint` and `save_pretrained` call it)."""
 
 import os
 from pathlib import Path
 
-from ldm_jax.checkpoints.spec import LatentDiffusionCheckpoint
+from ldm_jax.checkpoints.contents import CheckpointContents
 
 EXPORT_FORMATS = ("diffusers", "compvis", "orbax")
 
 
-def save_checkpoint(
-    checkpoint: LatentDiffusionCheckpoint,
+def write_checkpoint(
+    checkpoint: CheckpointContents,
     destination: str | os.PathLike,
     *,
     format: str,  # noqa: A002 - the name users expect (save_pretrained(..., format=...))
@@ -23,21 +24,21 @@ def save_checkpoint(
     if format in ("diffusers", "compvis"):
         _check_exportable_to_torch_tools(checkpoint, format)
     if format == "diffusers":
-        from ldm_jax.checkpoints.export_diffusers import save_diffusers  # noqa: PLC0415
+        from ldm_jax.checkpoints.diffusers.export import save_diffusers  # noqa: PLC0415
 
         return save_diffusers(checkpoint, destination, overwrite=overwrite)
     if format == "compvis":
-        from ldm_jax.checkpoints.export_compvis import save_compvis  # noqa: PLC0415
+        from ldm_jax.checkpoints.compvis.export import save_compvis  # noqa: PLC0415
 
         return save_compvis(checkpoint, destination, overwrite=overwrite)
     if format == "orbax":
-        from ldm_jax.checkpoints.orbax_io import save_orbax  # noqa: PLC0415
+        from ldm_jax.checkpoints.orbax import save_orbax  # noqa: PLC0415
 
         return save_orbax(checkpoint, destination, overwrite=overwrite)
     raise ValueError(f"unknown export format {format!r}; allowed: {EXPORT_FORMATS}")
 
 
-def _check_exportable_to_torch_tools(checkpoint: LatentDiffusionCheckpoint, format: str) -> None:  # noqa: A002
+def _check_exportable_to_torch_tools(checkpoint: CheckpointContents, format: str) -> None:  # noqa: A002
     """diffusers and CompVis run every CLIP text tower causally: a bidirectional one (trained
     from scratch, see CLIPTextConfig.causal) would load there silently and compute another thing."""
     cond = checkpoint.spec.cond_stage

@@ -12,14 +12,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from ldm_jax.checkpoints.key_table import (
-    CheckpointMismatchError,
-    KeyTable,
-    Transform,
-    key_map,
-    layer_maps,
-    norm_maps,
-)
+from ldm_jax.checkpoints.errors import CheckpointMismatchError
+from ldm_jax.checkpoints.key_table import KeyTable, Transform, key_map, layer_maps, norm_maps
 from ldm_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer
 from ldm_jax.models.params import abstract_params
 

@@ -265,9 +265,7 @@ def summarize(per_image: list[dict[str, list[bool]]]) -> AdherenceReport:
     return AdherenceReport(accuracy, counts, per_image)
 
 
-if __name__ == "__main__":
-    import sys
+if __name__ == "__main__":  # `python -m ldm_jax.eval.adherence`, as documented: the CLI's module
+    import runpy
 
-    from ldm_jax.eval.adherence_cli import main
-
-    sys.exit(main())
+    runpy.run_module("ldm_jax.cli.adherence", run_name="__main__", alter_sys=True)

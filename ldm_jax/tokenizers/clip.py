@@ -39,7 +39,7 @@ CLIP_PAD_TOKEN_ID = EOS_TOKEN_ID  # SD 1.x
 OPENCLIP_PAD_TOKEN_ID = 0  # SD 2.x, open_clip.tokenize
 MAX_LENGTH = 77
 PACKAGED_BPE = Path(__file__).parent / "data" / "bpe_simple_vocab_16e6.txt.gz"
-# Padding per cond-stage kind (ldm_jax.checkpoints.spec.COND_STAGE_KINDS).
+# Padding per cond-stage kind (ldm_jax.spec.COND_STAGE_KINDS).
 PAD_TOKEN_IDS = {"clip": CLIP_PAD_TOKEN_ID, "openclip": OPENCLIP_PAD_TOKEN_ID}
 _FOLDER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 _FOLDER_NEEDS = "vocab.json and merges.txt (or tokenizer.json) of a CLIP tokenizer"

@@ -20,8 +20,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ldm_jax.checkpoints.spec import LatentDiffusionCheckpoint, ModelSpec, spec_to_dict
+from ldm_jax.checkpoints import LatentDiffusionCheckpoint
 from ldm_jax.presets.autoencoders import AUTOENCODER_PRESETS
+from ldm_jax.spec import ModelSpec, spec_to_dict
 from ldm_jax.training import autoencoder_step as S
 from ldm_jax.training.autoencoder_loss import AutoencoderLossConfig
 from ldm_jax.training.base_config import base_config, train_config

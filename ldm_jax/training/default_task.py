@@ -26,8 +26,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from ldm_jax.checkpoints.spec import (
-    LatentDiffusionCheckpoint,
+from ldm_jax.checkpoints import LatentDiffusionCheckpoint
+from ldm_jax.spec import (
     ModelSpec,
     spec_from_dict,
     spec_to_dict,
@@ -213,7 +213,7 @@ class DefaultRun:
         model (read back, as sample.py would), tiled into a PNG."""
         if jax.process_index() != 0:
             return path, None
-        from ldm_jax.pipeline import LatentDiffusionPipeline  # noqa: PLC0415
+        from ldm_jax.sampling.pipeline import LatentDiffusionPipeline  # noqa: PLC0415
 
         sample = self.config.sample
         prompts = list(sample.prompts)

@@ -24,12 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ldm_jax.checkpoints.networks import network_modules
-from ldm_jax.checkpoints.spec import ModelSpec
 from ldm_jax.compile_options import compiler_options
 from ldm_jax.diffusion.schedules import make_schedule
 from ldm_jax.models.conditioning import drop_class_labels
 from ldm_jax.models.distributions import DiagonalGaussian
+from ldm_jax.models.factory import network_modules
+from ldm_jax.spec import ModelSpec
 from ldm_jax.training.ema import ema_decay, update_ema
 from ldm_jax.training.ldm_loss import diffusion_loss
 from ldm_jax.training.sharding import (
@@ -42,7 +42,6 @@ from ldm_jax.training.sharding import (
 )
 from ldm_jax.training.state import TrainState, create_sharded_state, new_train_state
 
-TEXT_KINDS = ("clip", "openclip", "ldm_bert")
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 REMAT_CHOICES = ("none", "blocks")
 
@@ -241,7 +240,7 @@ def make_ldm_train_step(
     d = spec.diffusion
     noise_schedule = make_schedule(d.beta_schedule, d.num_timesteps, d.linear_start, d.linear_end)
     k = cfg.grad_accum_steps
-    if cfg.cond_drop_prob > 0 and cond is not None and cond.kind in TEXT_KINDS:
+    if cfg.cond_drop_prob > 0 and cond is not None and cond.takes_text:
         if null_tokens is None:
             raise ValueError("cond_drop_prob > 0 with a text encoder needs null_tokens (of '')")
         null_tokens = np.asarray(null_tokens, np.int32).reshape(-1)
@@ -268,7 +267,7 @@ def make_ldm_train_step(
                 concat = cond_module.apply({"params": cond_params}, concat)
         encodes = cond is not None and cond.kind != "spatial_rescaler"
         if key in ("crossattn", "hybrid", "adm") and encodes:
-            if cond.kind in TEXT_KINDS:
+            if cond.takes_text:
                 tokens = _require(batch, "tokens")
                 if cfg.cond_drop_prob > 0:
                     tokens = drop_tokens(tokens, null_tokens, cfg.cond_drop_prob, rng)

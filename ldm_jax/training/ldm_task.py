@@ -20,7 +20,9 @@ import math
 import jax
 import numpy as np
 
-from ldm_jax.checkpoints.spec import LatentDiffusionCheckpoint, spec_from_dict
+from ldm_jax.checkpoints import LatentDiffusionCheckpoint, load_checkpoint
+from ldm_jax.checkpoints.tokenizer import tokenizer_for_spec
+from ldm_jax.spec import spec_from_dict
 from ldm_jax.training.ldm_step import (
     LDMTrainConfig,
     init_ldm_state,
@@ -42,7 +44,6 @@ def resolve_model(model_cfg):
     prediction_type = model_cfg.get("prediction_type", "") or None
     tokenizer_source = model_cfg.get("tokenizer", "") or None
     if init_from:
-        from ldm_jax.checkpoints.load import load_checkpoint  # noqa: PLC0415
 
         checkpoint = load_checkpoint(init_from, prediction_type=prediction_type,
                                      tokenizer=tokenizer_source)
@@ -58,9 +59,8 @@ def resolve_model(model_cfg):
         spec = dataclasses.replace(
             spec, diffusion=dataclasses.replace(spec.diffusion, prediction_type=prediction_type)
         )
-    from ldm_jax.checkpoints.load import _tokenizer  # noqa: PLC0415 - one tokenizer rule
-
-    return spec, _first_stage_params(model_cfg, spec), _tokenizer(spec, tokenizer_source)
+    tokenizer = tokenizer_for_spec(spec, tokenizer_source)
+    return spec, _first_stage_params(model_cfg, spec), tokenizer
 
 
 def _first_stage_params(model_cfg, spec):
@@ -69,7 +69,6 @@ def _first_stage_params(model_cfg, spec):
     source = model_cfg.get("first_stage_from", "") or ""
     if not source:
         return None
-    from ldm_jax.checkpoints.load import load_checkpoint  # noqa: PLC0415
 
     checkpoint = load_checkpoint(source)
     if checkpoint.spec.first_stage != spec.first_stage:
@@ -157,7 +156,7 @@ class LDMTask:
         updates = max(int(config.train.num_steps) // self.cfg.grad_accum_steps, 1)
         self.optimizer, schedule = make_optimizer(config.optimizer, updates)
         cond = self.spec.cond_stage
-        self.text = cond is not None and cond.kind in ("clip", "openclip", "ldm_bert")
+        self.text = cond is not None and cond.takes_text
         if self.text and self.tokenizer is None:
             raise ValueError("this model is text-conditioned but has no tokenizer: set "
                              "config.model.tokenizer to a tokenizer folder or hub id")
@@ -189,7 +188,7 @@ class LDMTask:
         sample_cfg = self.config.get("sample", None)
         if sample_cfg is None or int(sample_cfg.get("num_images", 0)) <= 0:
             return None
-        from ldm_jax.pipeline import LatentDiffusionPipeline  # noqa: PLC0415
+        from ldm_jax.sampling.pipeline import LatentDiffusionPipeline  # noqa: PLC0415
 
         trained = trainable_names(self.spec, self.cfg)
         params = {**_local_copy(self.frozen),

@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 from flax import traverse_util
 
-from ldm_jax.checkpoints.atomic import atomic_output
-from ldm_jax.checkpoints.files import CheckpointFileError, open_tensor_file
+from ldm_jax.atomic import atomic_output
+from ldm_jax.checkpoints.errors import CheckpointFileError
+from ldm_jax.checkpoints.files import open_tensor_file
 from ldm_jax.training.lpips import VGG16_STAGES, conv_name, lpips_param_shapes
 
 # torchvision vgg16().features indices of the 13 convs (ReLUs and max-pools sit between them).

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ldm_jax.pipeline_tasks import INPAINTING
+from ldm_jax.sampling.tasks import INPAINTING
 
 # PIL's "L" conversion (ITU-R 601-2 luma), used for RGB mask arrays as PIL does for RGB images
 _LUMA = np.array([299, 587, 114], np.float32) / 1000

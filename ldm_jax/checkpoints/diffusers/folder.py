@@ -13,27 +13,22 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ldm_jax.checkpoints.detect import ArchitectureError
-from ldm_jax.checkpoints.diffusers_autoencoder import (
+from ldm_jax.checkpoints.diffusers.autoencoder import (
     autoencoder_kl_table,
     config_from_diffusers,
     vq_model_table,
 )
-from ldm_jax.checkpoints.diffusers_ldm_bert import ldm_bert_key_table
-from ldm_jax.checkpoints.diffusers_unet import diffusers_unet_table
-from ldm_jax.checkpoints.diffusers_unet_config import unet_config_from_diffusers
-from ldm_jax.checkpoints.files import (
-    CheckpointFileError,
-    MergedTensorFiles,
-    open_tensor_file,
-    read_params,
-)
-from ldm_jax.checkpoints.networks import abstract_checkpoint_params
-from ldm_jax.checkpoints.spec import CondStageSpec, DiffusionSpec, ModelSpec
+from ldm_jax.checkpoints.diffusers.ldm_bert import ldm_bert_key_table
+from ldm_jax.checkpoints.diffusers.unet import diffusers_unet_table
+from ldm_jax.checkpoints.diffusers.unet_config import unet_config_from_diffusers
+from ldm_jax.checkpoints.errors import ArchitectureError, CheckpointFileError
+from ldm_jax.checkpoints.files import MergedTensorFiles, open_tensor_file, read_params
 from ldm_jax.checkpoints.transformers_clip import clip_text_key_table, detect_prefix
 from ldm_jax.models.clip_text import CLIPTextConfig
+from ldm_jax.models.factory import abstract_checkpoint_params
 from ldm_jax.models.ldm_bert import LDMBertConfig
 from ldm_jax.models.vq import VQConfig
+from ldm_jax.spec import CondStageSpec, DiffusionSpec, ModelSpec
 
 MODEL_INDEX = "model_index.json"
 FIRST_STAGE_FOLDERS = ("vae", "vqvae")

@@ -13,17 +13,17 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from ldm_jax.checkpoints.atomic import atomic_output
-from ldm_jax.checkpoints.networks import abstract_checkpoint_params
-from ldm_jax.checkpoints.spec import LatentDiffusionCheckpoint, spec_from_dict, spec_to_dict
+from ldm_jax.atomic import atomic_output
+from ldm_jax.checkpoints.contents import CheckpointContents
+from ldm_jax.checkpoints.errors import OrbaxCheckpointError
+from ldm_jax.checkpoints.tokenizer import tokenizer_for_spec
+from ldm_jax.models.factory import abstract_checkpoint_params
+from ldm_jax.spec import spec_from_dict, spec_to_dict
 
 SPEC_FILE = "ldm_spec.json"
 PARAMS_DIR = "params"
 TOKENIZER_DIR = "tokenizer"
 
-
-class OrbaxCheckpointError(ValueError):
-    """A folder that is not a readable ldm_jax orbax checkpoint."""
 
 
 def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
@@ -32,7 +32,7 @@ def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def save_orbax(
-    checkpoint: LatentDiffusionCheckpoint, destination: str | os.PathLike, *, overwrite=False
+    checkpoint: CheckpointContents, destination: str | os.PathLike, *, overwrite=False
 ) -> Path:
     """Write `checkpoint` as an orbax folder at `destination` (atomically)."""
     with atomic_output(destination, overwrite=overwrite) as temporary:
@@ -63,7 +63,7 @@ def read_spec(path: str | os.PathLike):
 
 def restore_orbax(
     path: str | os.PathLike, *, shardings: Any = None, dtype=None
-) -> LatentDiffusionCheckpoint:
+) -> CheckpointContents:
     """Read an orbax folder written by `save_orbax`.
 
     `shardings`: None (default device), one `jax.sharding.Sharding` for every parameter, or a
@@ -88,16 +88,10 @@ def restore_orbax(
         raise OrbaxCheckpointError(
             f"{path / PARAMS_DIR} does not hold the parameters its spec describes: {error}"
         ) from error
-    return LatentDiffusionCheckpoint(spec, params, _tokenizer(path / TOKENIZER_DIR, spec))
+    return CheckpointContents(spec, params, _saved_tokenizer(path / TOKENIZER_DIR, spec))
 
 
-def _tokenizer(folder: Path, spec) -> Any:
-    if not folder.is_dir() or spec.cond_stage is None:
-        return None
-    from ldm_jax.tokenizers import BertTokenizer, CLIPTokenizer  # noqa: PLC0415
-
-    # the text encoder's context length, not the tokenizer's default (77)
-    length = spec.cond_stage.config.max_length
-    if spec.cond_stage.kind == "ldm_bert":
-        return BertTokenizer.from_folder(folder, max_length=length)
-    return CLIPTokenizer.from_folder(folder, max_length=length)
+def _saved_tokenizer(folder: Path, spec):
+    """The tokenizer written beside the params (keeping the text encoder's context length);
+    None when the folder has none (models without text, or a tokenizer that cannot save)."""
+    return tokenizer_for_spec(spec, folder) if folder.is_dir() else None

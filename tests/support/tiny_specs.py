@@ -3,11 +3,11 @@
 import jax
 import numpy as np
 
-from ldm_jax.checkpoints.networks import abstract_checkpoint_params
-from ldm_jax.checkpoints.spec import CondStageSpec, DiffusionSpec, ModelSpec
+from ldm_jax.models.factory import abstract_checkpoint_params
 from ldm_jax.models.unet import UNetConfig
 from ldm_jax.models.vq import VQConfig
 from ldm_jax.presets.tiny import TINY_CLIP_TEXT, TINY_UNET, TINY_VAE
+from ldm_jax.spec import CondStageSpec, DiffusionSpec, ModelSpec
 
 TINY_CLIP = TINY_CLIP_TEXT
 SD1_LIKE = ModelSpec(

@@ -10,7 +10,7 @@ Options diffusers has that openaimodel lacks must be at their defaults, or it is
 from collections.abc import Mapping
 from typing import Any
 
-from ldm_jax.checkpoints.detect import ArchitectureError
+from ldm_jax.checkpoints.errors import ArchitectureError
 from ldm_jax.models.unet import UNetConfig
 
 _CROSS_DOWN, _CROSS_UP = "CrossAttnDownBlock2D", "CrossAttnUpBlock2D"

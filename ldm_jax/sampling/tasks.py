@@ -26,8 +26,8 @@ import jax.numpy as jnp
 
 from ldm_jax.diffusion import q_sample
 from ldm_jax.models.conditioning import unconditional_class_ids
+from ldm_jax.spec import TEXT_CONDITIONINGS
 
-TEXT_CONDITIONINGS = ("clip", "openclip", "ldm_bert")
 INPAINTING = ("mask_and_masked_image", "masked_image_and_mask")
 SUPPORTED = (
     "text-to-image (clip/openclip/ldm_bert, crossattn), SD inpainting (text + hybrid "

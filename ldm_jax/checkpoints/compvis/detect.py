@@ -15,17 +15,18 @@ from typing import Any
 
 import numpy as np
 
-from ldm_jax.checkpoints.compvis import (
+from ldm_jax.checkpoints.compvis.checkpoint_table import (
     COND_STAGE_PREFIX,
     FIRST_STAGE_PREFIX,
     SCALE_FACTOR_KEY,
     UNET_PREFIX,
 )
-from ldm_jax.checkpoints.spec import CondStageSpec, DiffusionSpec, ModelSpec
+from ldm_jax.checkpoints.errors import ArchitectureError
 from ldm_jax.models.autoencoder import AutoencoderConfig
 from ldm_jax.models.clip_text import CLIPTextConfig
 from ldm_jax.models.unet import UNetConfig
 from ldm_jax.models.vq import VQConfig
+from ldm_jax.spec import CondStageSpec, DiffusionSpec, ModelSpec
 
 CLIP_KEYS = COND_STAGE_PREFIX + "transformer.text_model."
 OPENCLIP_KEYS = COND_STAGE_PREFIX + "model."
@@ -35,9 +36,6 @@ SD2_UNET_HEAD_CHANNELS = 64  # v2-inference*.yaml num_head_channels
 _FIRST_STAGE_RESOLUTION = 256  # only places attention (attn_resolutions are relative to it)
 _PASS_YAML = "pass the model's original yaml config (config=...)"
 
-
-class ArchitectureError(ValueError):
-    """The checkpoint's architecture cannot be settled (ambiguous or unsupported)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Export a LatentDiffusionCheckpoint as a diffusers folder that PyTorch diffusers loads.
+"""Export a CheckpointContents as a diffusers folder that PyTorch diffusers loads.
 
 Stable Diffusion checkpoints (CLIP / OpenCLIP text, cross-attention) become a
 `StableDiffusionPipeline` folder; unconditional LDMs an `LDMPipeline` folder (vqvae/unet/scheduler).
@@ -16,28 +16,27 @@ from typing import Any
 import numpy as np
 import safetensors.numpy
 
-from ldm_jax.checkpoints.atomic import atomic_output
-from ldm_jax.checkpoints.diffusers_autoencoder import (
+from ldm_jax.atomic import atomic_output
+from ldm_jax.checkpoints.contents import CheckpointContents
+from ldm_jax.checkpoints.diffusers.autoencoder import (
     autoencoder_kl_table,
     diffusers_config,
     vq_model_table,
 )
-from ldm_jax.checkpoints.diffusers_unet import diffusers_unet_config, diffusers_unet_table
-from ldm_jax.checkpoints.spec import LatentDiffusionCheckpoint, ModelSpec
+from ldm_jax.checkpoints.diffusers.unet import diffusers_unet_config, diffusers_unet_table
+from ldm_jax.checkpoints.errors import UnsupportedExportError
 from ldm_jax.checkpoints.transformers_clip import TEXT_MODEL_PREFIX, clip_text_key_table
 from ldm_jax.models.clip_text import CLIPTextConfig
+from ldm_jax.spec import ModelSpec
 
 # Written as the version of the format; diffusers only warns about a newer or older one.
 DIFFUSERS_FORMAT_VERSION = "0.30.0"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
-class UnsupportedExportError(ValueError):
-    """The checkpoint has no equivalent in the requested format."""
-
 
 def save_diffusers(
-    checkpoint: LatentDiffusionCheckpoint, destination: str | os.PathLike, *, overwrite=False
+    checkpoint: CheckpointContents, destination: str | os.PathLike, *, overwrite=False
 ) -> Path:
     """Write a diffusers pipeline folder at `destination` (atomically)."""
     spec, params = checkpoint.spec, checkpoint.params
@@ -165,7 +164,7 @@ def clip_transformers_config(cfg: CLIPTextConfig) -> dict[str, Any]:
     }
 
 
-def _tokenizer_for(checkpoint: LatentDiffusionCheckpoint):
+def _tokenizer_for(checkpoint: CheckpointContents):
     if checkpoint.tokenizer is not None and hasattr(checkpoint.tokenizer, "write_folder"):
         return checkpoint.tokenizer
     from ldm_jax.tokenizers.clip import CLIPTokenizer  # noqa: PLC0415

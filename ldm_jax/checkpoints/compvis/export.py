@@ -1,4 +1,4 @@
-"""Export a LatentDiffusionCheckpoint as one CompVis-layout .safetensors file.
+"""Export a CheckpointContents as one CompVis-layout .safetensors file.
 
 The tensors carry CompVis names (`model.diffusion_model.*`, `first_stage_model.*`,
 `cond_stage_model.*`) through the exact CompVis key tables, so the file loads wherever an original
@@ -12,17 +12,18 @@ from pathlib import Path
 
 import safetensors.numpy
 
-from ldm_jax.checkpoints.atomic import atomic_output
-from ldm_jax.checkpoints.spec import LatentDiffusionCheckpoint, spec_to_dict
+from ldm_jax.atomic import atomic_output
+from ldm_jax.checkpoints.contents import CheckpointContents
+from ldm_jax.spec import spec_to_dict
 
 SPEC_METADATA_KEY = "ldm_jax_spec"
 
 
 def save_compvis(
-    checkpoint: LatentDiffusionCheckpoint, destination: str | os.PathLike, *, overwrite=False
+    checkpoint: CheckpointContents, destination: str | os.PathLike, *, overwrite=False
 ) -> Path:
     """Write `checkpoint` to `destination` (a .safetensors path), atomically."""
-    from ldm_jax.checkpoints.compvis import compvis_checkpoint_table  # noqa: PLC0415
+    from ldm_jax.checkpoints.compvis.checkpoint_table import compvis_checkpoint_table  # noqa: PLC0415
 
     destination = Path(destination)
     if destination.suffix != ".safetensors":

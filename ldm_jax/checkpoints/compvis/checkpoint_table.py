@@ -13,17 +13,18 @@ This module is the one place that names every key of those files that is not a p
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from ldm_jax.checkpoints.compvis_autoencoder import compvis_first_stage_table
-from ldm_jax.checkpoints.compvis_text import (
+from ldm_jax.checkpoints.compvis.autoencoder import compvis_first_stage_table
+from ldm_jax.checkpoints.compvis.text import (
     CLIP_PREFIX,
     OPENCLIP_PREFIX,
     OPENCLIP_UNUSED,
     compvis_cond_stage_table,
 )
-from ldm_jax.checkpoints.compvis_unet import compvis_unet_table
-from ldm_jax.checkpoints.key_table import CheckpointMismatchError, KeyTable, _listed
-from ldm_jax.checkpoints.spec import ModelSpec
+from ldm_jax.checkpoints.compvis.unet import compvis_unet_table
+from ldm_jax.checkpoints.errors import CheckpointMismatchError
+from ldm_jax.checkpoints.key_table import KeyTable, listed
 from ldm_jax.checkpoints.transformers_clip import TEXT_MODEL_PREFIX
+from ldm_jax.spec import ModelSpec
 
 UNET_PREFIX = "model.diffusion_model."
 FIRST_STAGE_PREFIX = "first_stage_model."
@@ -169,9 +170,9 @@ def ema_state_dict(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
     if missing or unexpected:
         raise CheckpointMismatchError(
             "cannot use the EMA weights of this checkpoint:"
-            + (f" {len(missing)} missing EMA keys: {_listed(missing)}." if missing else "")
+            + (f" {len(missing)} missing EMA keys: {listed(missing)}." if missing else "")
             + (
-                f" {len(unexpected)} EMA keys match no UNet key: {_listed(unexpected)}."
+                f" {len(unexpected)} EMA keys match no UNet key: {listed(unexpected)}."
                 if unexpected
                 else ""
             )

@@ -197,7 +197,7 @@ def check_model(args, pipe) -> None:
 
 def check_task_flags(args, task) -> None:
     """The conditioning and task flags against what the checkpoint's task takes."""
-    from ldm_jax.pipeline_tasks import INPAINTING  # noqa: PLC0415
+    from ldm_jax.sampling.tasks import INPAINTING  # noqa: PLC0415
 
     what = f"this checkpoint is {task.name}"
     if task.conditioning == "text" and args.prompt is None:
@@ -320,8 +320,8 @@ def main(argv=None) -> int:
 
 
 def _sample(args) -> int:
-    from ldm_jax.pipeline import LatentDiffusionPipeline, sampler_iterations  # noqa: PLC0415
-    from ldm_jax.progress import StepProgress  # noqa: PLC0415
+    from ldm_jax.sampling.pipeline import LatentDiffusionPipeline, sampler_iterations  # noqa: PLC0415
+    from ldm_jax.sampling.progress import StepProgress  # noqa: PLC0415
 
     try:
         pipe = _load_pipeline(args.checkpoint, args.dtype, args.compilation_cache)
@@ -377,7 +377,7 @@ def _load_pipeline(checkpoint: str, dtype: str, compilation_cache: str | None):
     """The pipeline, kept for the next main() in this process (notebooks, tests): no recompiles."""
     import jax.numpy as jnp  # noqa: PLC0415 - keep --help and argument errors fast
 
-    from ldm_jax.pipeline import LatentDiffusionPipeline  # noqa: PLC0415
+    from ldm_jax.sampling.pipeline import LatentDiffusionPipeline  # noqa: PLC0415
 
     return LatentDiffusionPipeline.from_pretrained(
         checkpoint, dtype=getattr(jnp, dtype), compilation_cache_dir=compilation_cache

@@ -4,7 +4,7 @@ Every task of pipeline_tasks.py (text-to-image, unconditional, class-conditional
 SD and LDM inpainting, super-resolution) runs through the same call and the same jitted function.
 
 ```python
-from ldm_jax.pipeline import LatentDiffusionPipeline
+from ldm_jax.sampling.pipeline import LatentDiffusionPipeline
 
 pipe = LatentDiffusionPipeline.from_pretrained("v1-5-pruned-emaonly.safetensors")
 images = pipe("a photo of a cat", num_inference_steps=50, guidance_scale=7.5, seed=0)  # uint8 NHWC
@@ -46,9 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ldm_jax import pipeline_inputs, pipeline_tasks
 from ldm_jax.checkpoints import LatentDiffusionCheckpoint
-from ldm_jax.checkpoints.networks import network_modules
 from ldm_jax.compile_options import compiler_options
 from ldm_jax.diffusion import (
     SAMPLERS,
@@ -57,7 +55,10 @@ from ldm_jax.diffusion import (
     make_timesteps,
     strided_previous_timesteps,
 )
-from ldm_jax.pipeline_tasks import TEXT_CONDITIONINGS, model_task
+from ldm_jax.models.factory import network_modules
+from ldm_jax.sampling import inputs as pipeline_inputs
+from ldm_jax.sampling import tasks as pipeline_tasks
+from ldm_jax.sampling.tasks import TEXT_CONDITIONINGS, model_task
 
 __all__ = ["TEXT_CONDITIONINGS", "LatentDiffusionPipeline", "TimestepConfig", "sampler_iterations"]
 OUTPUTS = ("uint8", "float")

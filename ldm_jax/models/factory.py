@@ -5,7 +5,6 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ldm_jax.checkpoints.spec import ModelSpec
 from ldm_jax.models.autoencoder import AutoencoderKL
 from ldm_jax.models.clip_text import CLIPTextTransformer
 from ldm_jax.models.conditioning import ClassEmbedder, SpatialRescaler
@@ -13,6 +12,7 @@ from ldm_jax.models.ldm_bert import LDMBert
 from ldm_jax.models.params import abstract_params
 from ldm_jax.models.unet import UNet
 from ldm_jax.models.vq import VQModel
+from ldm_jax.spec import ModelSpec
 
 
 def network_modules(spec: ModelSpec, dtype=jnp.float32) -> dict[str, tuple[nn.Module, tuple]]:

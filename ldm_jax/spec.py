@@ -1,14 +1,17 @@
-"""What a latent-diffusion checkpoint holds, independent of its file format.
+"""The one model description: what a latent diffusion model is, independent of any file format.
 
 `ModelSpec` is the architecture (the three networks' hyper-parameters) plus the diffusion settings
-that are not network parameters; `LatentDiffusionCheckpoint` pairs it with the parameter tree
-{"unet": ..., "first_stage": ..., "cond_stage": ...} (a key is absent when that network is).
-Loaders (CompVis files, diffusers folders) produce it; exporters and the pipeline consume it.
+that are not network parameters (`DiffusionSpec`: noise schedule, parameterisation, latent
+scaling, conditioning, and the diffusers timestep settings that pick the visited steps). The
+networks are built from it by `ldm_jax.models.factory`; the checkpoint loaders produce it, the
+exporters write it back, and the train step and the sampling pipeline read it. This module does no
+IO and imports only the networks' config dataclasses.
 """
 
 import dataclasses
 from typing import Any
 
+from ldm_jax.diffusion.timesteps import SPACINGS
 from ldm_jax.models.autoencoder import AutoencoderConfig
 from ldm_jax.models.clip_text import CLIPTextConfig
 from ldm_jax.models.conditioning import ClassEmbedderConfig, SpatialRescalerConfig
@@ -24,6 +27,7 @@ COND_STAGE_KINDS = (
     "class",  # ClassEmbedder (cin256)
     "spatial_rescaler",  # SpatialRescaler (semantic synthesis, super-resolution inputs)
 )
+TEXT_CONDITIONINGS = ("clip", "openclip", "ldm_bert")  # the cond stages that take prompts
 # LatentDiffusion.conditioning_key: how the conditioning reaches the UNet.
 CONDITIONING_KEYS = (None, "crossattn", "concat", "hybrid", "adm")
 # What a "concat"/"hybrid" model concatenates to its latents along channels, in this order:
@@ -49,6 +53,10 @@ class CondStageSpec:
         if self.kind not in COND_STAGE_KINDS:
             raise ValueError(f"unknown cond stage {self.kind!r}; allowed: {COND_STAGE_KINDS}")
 
+    @property
+    def takes_text(self) -> bool:
+        return self.kind in TEXT_CONDITIONINGS
+
 
 @dataclasses.dataclass(frozen=True)
 class DiffusionSpec:
@@ -66,6 +74,12 @@ class DiffusionSpec:
     # and SD 2 base (512 px), 96 for SD 2 768-v
     latent_size: int = 64
     concat_input: str | None = None  # one of CONCAT_INPUTS
+    # The diffusers scheduler settings that pick the visited timesteps (ldm_jax.diffusion.timesteps):
+    # SD 1.x/2.x release configs use "leading", offset 1, final abar = abar_0 (set_alpha_to_one
+    # False); loaders read them from a diffusers scheduler config, exports write them back.
+    timestep_spacing: str = "leading"
+    steps_offset: int = 1
+    set_alpha_to_one: bool = False
 
     def __post_init__(self):
         if self.prediction_type not in PREDICTION_TYPES:
@@ -84,6 +98,10 @@ class DiffusionSpec:
             raise ValueError(
                 f"unknown concat_input {self.concat_input!r}; allowed: {CONCAT_INPUTS}"
             )
+        if self.timestep_spacing not in SPACINGS:
+            raise ValueError(
+                f"unknown timestep_spacing {self.timestep_spacing!r}; allowed: {SPACINGS}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,26 +116,6 @@ class ModelSpec:
     @property
     def first_stage_kind(self) -> str:
         return "vq" if isinstance(self.first_stage, VQConfig) else "kl"
-
-
-@dataclasses.dataclass
-class LatentDiffusionCheckpoint:
-    spec: ModelSpec
-    params: dict[str, Any]  # {"unet", "first_stage", "cond_stage"}: plain pytrees
-    tokenizer: Any = None  # a tokenizer object from ldm_jax.tokenizers, when the model takes text
-
-    @classmethod
-    def from_pretrained(cls, path_or_id, **kwargs) -> "LatentDiffusionCheckpoint":
-        """Load a CompVis file, diffusers folder, orbax folder or hub id (see load_checkpoint)."""
-        from ldm_jax.checkpoints.load import load_checkpoint  # noqa: PLC0415 - import cycle
-
-        return load_checkpoint(path_or_id, **kwargs)
-
-    def save_pretrained(self, destination, *, format: str, overwrite: bool = False):  # noqa: A002
-        """Write as "diffusers" (folder), "compvis" (.safetensors file) or "orbax" (folder)."""
-        from ldm_jax.checkpoints.save import save_checkpoint  # noqa: PLC0415 - import cycle
-
-        return save_checkpoint(self, destination, format=format, overwrite=overwrite)
 
 
 # --- JSON (de)serialisation: orbax folders and exported files carry the spec they were made from.

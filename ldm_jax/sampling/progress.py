@@ -1,8 +1,8 @@
 """A tqdm progress bar driven by the sampler's per-step host callback.
 
 ```python
-from ldm_jax.pipeline import sampler_iterations
-from ldm_jax.progress import StepProgress
+from ldm_jax.sampling.pipeline import sampler_iterations
+from ldm_jax.sampling.progress import StepProgress
 
 with StepProgress(sampler_iterations("ddim", 50)) as progress:
     images = pipe("a photo of a cat", num_inference_steps=50, callback=progress)

@@ -2,13 +2,13 @@
 
 import numpy as np
 
-from ldm_jax.checkpoints.compvis import compvis_checkpoint_table, ema_key
-from ldm_jax.checkpoints.spec import CondStageSpec, DiffusionSpec, ModelSpec
+from ldm_jax.checkpoints.compvis.checkpoint_table import compvis_checkpoint_table, ema_key
 from ldm_jax.models.autoencoder import AutoencoderConfig
 from ldm_jax.models.clip_text import CLIPTextConfig
 from ldm_jax.models.conditioning import ClassEmbedderConfig
 from ldm_jax.models.unet import UNetConfig
 from ldm_jax.models.vq import VQConfig
+from ldm_jax.spec import CondStageSpec, DiffusionSpec, ModelSpec
 
 # Tiny members of each family, obeying the family rules detection relies on (SD 1.x: 8 UNet
 # heads; SD 2.x: 64-channel heads; text towers: 64-wide heads; first stages at resolution 256).

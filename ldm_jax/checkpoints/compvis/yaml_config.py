@@ -13,22 +13,22 @@ from typing import Any
 
 import numpy as np
 
-from ldm_jax.checkpoints.compvis import SCALE_FACTOR_KEY
-from ldm_jax.checkpoints.detect import (
+from ldm_jax.checkpoints.compvis.checkpoint_table import SCALE_FACTOR_KEY
+from ldm_jax.checkpoints.compvis.detect import (
     CLIP_KEYS,
     OPENCLIP_KEYS,
-    ArchitectureError,
     CompVisArchitecture,
     clip_from_keys,
     openclip_from_keys,
 )
-from ldm_jax.checkpoints.spec import CondStageSpec, DiffusionSpec, ModelSpec
+from ldm_jax.checkpoints.errors import ArchitectureError
 from ldm_jax.models.autoencoder import AutoencoderConfig
 from ldm_jax.models.conditioning import ClassEmbedderConfig, SpatialRescalerConfig
 from ldm_jax.models.ldm_bert import LDMBertConfig
 from ldm_jax.models.unet import UNetConfig
 from ldm_jax.models.vq import VQConfig
 from ldm_jax.presets.text_encoders import CLIP_TEXT_PRESETS
+from ldm_jax.spec import CondStageSpec, DiffusionSpec, ModelSpec
 
 _LATENT_DIFFUSION = (
     "ldm.models.diffusion.ddpm.LatentDiffusion",

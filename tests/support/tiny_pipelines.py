@@ -4,7 +4,7 @@ import diffusers
 import numpy as np
 import torch
 import transformers
-from torch_reference import randomize_
+from references.torch_reference import randomize_
 
 from ldm_jax.tokenizers import CLIPTokenizer
 

@@ -15,11 +15,11 @@ from ldm_jax.checkpoints.key_table import (
     layer_maps,
     norm_maps,
 )
-from ldm_jax.checkpoints.spec import CondStageSpec
 from ldm_jax.checkpoints.transformers_clip import TEXT_MODEL_PREFIX, clip_text_key_table
 from ldm_jax.models.clip_text import CLIPTextConfig
 from ldm_jax.models.conditioning import ClassEmbedderConfig, SpatialRescalerConfig
 from ldm_jax.models.ldm_bert import LDMBertConfig
+from ldm_jax.spec import CondStageSpec
 
 # Where each encoder's keys start, relative to `cond_stage_model.`.
 CLIP_PREFIX = "transformer."  # FrozenCLIPEmbedder.transformer: an HF CLIPTextModel

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ldm_jax.checkpoints.atomic import atomic_output
+from ldm_jax.atomic import atomic_output
 from ldm_jax.data.shapes import ShapesConfig, ShapesSource
 from ldm_jax.eval.adherence import METRICS, TARGETS, score
 
@@ -141,7 +141,7 @@ def _evaluate(args) -> int:
             temporary.write_text(json.dumps(payload, indent=1))
         print(f"wrote {args.json}")
     if args.grid:
-        from ldm_jax.sampling_cli import make_grid  # noqa: PLC0415
+        from ldm_jax.cli.sample import make_grid  # noqa: PLC0415
 
         grid = make_grid(pipe.to_pil(images))
         with atomic_output(args.grid, overwrite=args.overwrite) as temporary:
@@ -152,7 +152,7 @@ def _evaluate(args) -> int:
 
 @functools.lru_cache(maxsize=1)
 def _load_pipeline(checkpoint: str):
-    from ldm_jax.pipeline import LatentDiffusionPipeline  # noqa: PLC0415 - slow import
+    from ldm_jax.sampling.pipeline import LatentDiffusionPipeline  # noqa: PLC0415 - slow import
 
     return LatentDiffusionPipeline.from_pretrained(checkpoint)
 

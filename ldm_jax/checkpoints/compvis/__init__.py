@@ -1,0 +1,1 @@
+"""compvis format: key tables, architecture detection and export."""

@@ -1,0 +1,1 @@
+"""diffusers format: key tables, architecture detection and export."""

@@ -1,0 +1,62 @@
+"""Convert a checkpoint between formats.
+
+    python -m ldm_jax.convert SRC DST --to diffusers|compvis|orbax [--config v2-inference-v.yaml]
+        [--prediction-type epsilon|v_prediction] [--use-ema] [--dtype float32|bfloat16|float16]
+        [--overwrite]
+
+SRC: a CompVis .safetensors/.ckpt file, a diffusers folder, an ldm_jax orbax folder, or a hub id.
+DST: a folder (diffusers, orbax) or a .safetensors file (compvis). Nothing is written on error,
+and the exit status is non-zero (2) with one line saying what is wrong.
+"""
+
+import argparse
+import sys
+
+EXIT_BAD_INPUT = 2
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ldm_jax.checkpoints.save import EXPORT_FORMATS  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(
+        prog="python -m ldm_jax.convert",
+        description="Convert a latent-diffusion checkpoint between CompVis, diffusers and orbax.",
+    )
+    parser.add_argument("source", help="checkpoint file, diffusers/orbax folder, or hub id")
+    parser.add_argument("destination", help="output folder, or .safetensors file for compvis")
+    parser.add_argument("--to", required=True, choices=EXPORT_FORMATS, dest="format")
+    parser.add_argument("--config", help="the original CompVis yaml config of SRC")
+    parser.add_argument("--prediction-type", choices=("epsilon", "v_prediction"))
+    parser.add_argument("--use-ema", action="store_true", help="take the UNet's EMA weights")
+    parser.add_argument("--dtype", choices=DTYPES, help="convert parameters while loading")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    import jax.numpy as jnp  # noqa: PLC0415 - keep --help fast
+
+    from ldm_jax.checkpoints import load_checkpoint, save_checkpoint  # noqa: PLC0415
+
+    try:
+        checkpoint = load_checkpoint(
+            args.source,
+            dtype=getattr(jnp, args.dtype) if args.dtype else None,
+            prediction_type=args.prediction_type,
+            config=args.config,
+            use_ema=args.use_ema,
+        )
+        written = save_checkpoint(
+            checkpoint, args.destination, format=args.format, overwrite=args.overwrite
+        )
+    except (ValueError, OSError, ImportError, KeyError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"wrote {args.format} checkpoint to {written}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

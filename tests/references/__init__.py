@@ -1,0 +1,1 @@
+"""PyTorch stand-ins for the parity tests (reference implementations not shipped as packages)."""

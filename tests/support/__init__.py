@@ -1,0 +1,1 @@
+"""Shared test builders: tiny specs and models, pipelines, checkpoint files, the toy task."""
