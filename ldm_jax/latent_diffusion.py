@@ -12,5 +12,8 @@ from ldm_jax.spec import DiffusionSpec
 def schedule_from_spec(diffusion: DiffusionSpec):
     """The fp32 noise schedule (betas, alphas_cumprod, ...) that a DiffusionSpec describes."""
     return make_schedule(
-        diffusion.beta_schedule, diffusion.num_timesteps, diffusion.linear_start, diffusion.linear_end
+        diffusion.beta_schedule,
+        diffusion.num_timesteps,
+        diffusion.linear_start,
+        diffusion.linear_end,
     )

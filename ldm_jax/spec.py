@@ -74,7 +74,7 @@ class DiffusionSpec:
     # and SD 2 base (512 px), 96 for SD 2 768-v
     latent_size: int = 64
     concat_input: str | None = None  # one of CONCAT_INPUTS
-    # The diffusers scheduler settings that pick the visited timesteps (ldm_jax.diffusion.timesteps):
+    # diffusers scheduler settings that pick the visited timesteps (ldm_jax.diffusion.timesteps):
     # SD 1.x/2.x release configs use "leading", offset 1, final abar = abar_0 (set_alpha_to_one
     # False); loaders read them from a diffusers scheduler config, exports write them back.
     timestep_spacing: str = "leading"
