@@ -7,7 +7,8 @@ with 1280-wide cross-attention and the 32-layer LDM-BERT text encoder trained jo
 
 Rombach et al. 2022, Table 13: 256² images, batch 680, lr 1e-4 (scaled by batch in CompVis; set
 it directly here), EMA 0.9999, 32x32x4 latents. `first_stage_from` is the trained autoencoder
-(an ldm_jax autoencoder run's export or CompVis's kl-f8); `tokenizer` gives the BERT vocabulary.
+(an ldm_jax autoencoder run's export, e.g. of configs/autoencoder.py:kl-f8, or CompVis's kl-f8);
+`tokenizer` gives the BERT vocabulary.
 """
 
 from ldm_jax.presets.autoencoders import AUTOENCODER_PRESETS

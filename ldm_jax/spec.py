@@ -102,6 +102,13 @@ class DiffusionSpec:
             raise ValueError(
                 f"unknown timestep_spacing {self.timestep_spacing!r}; allowed: {SPACINGS}"
             )
+        offset = self.steps_offset
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"steps_offset must be an int >= 0 (not a bool), got {offset!r}")
+        if not isinstance(self.set_alpha_to_one, bool):
+            raise ValueError(
+                f"set_alpha_to_one must be True or False, got {self.set_alpha_to_one!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,18 +10,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+from references.lpips_reference import reference_lpips
 
-torch = pytest.importorskip("torch")
+from ldm_jax.models.distributions import DiagonalGaussian
+from ldm_jax.models.layers import conv
+from ldm_jax.training import autoencoder_loss as L
+from ldm_jax.training.discriminator import NLayerDiscriminator
+from ldm_jax.training.lpips import LPIPS
+from ldm_jax.training.lpips_weights import convert_lpips_state_dicts
+
 F = torch.nn.functional
-
-from references.lpips_reference import reference_lpips  # noqa: E402
-
-from ldm_jax.models.distributions import DiagonalGaussian  # noqa: E402
-from ldm_jax.models.layers import conv  # noqa: E402
-from ldm_jax.training import autoencoder_loss as L  # noqa: E402
-from ldm_jax.training.discriminator import NLayerDiscriminator  # noqa: E402
-from ldm_jax.training.lpips import LPIPS  # noqa: E402
-from ldm_jax.training.lpips_weights import convert_lpips_state_dicts  # noqa: E402
 
 B, H, W, C_H = 2, 32, 32, 32
 

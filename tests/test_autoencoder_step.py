@@ -47,7 +47,7 @@ def _setup(config, loss, lpips_params=None, ema=None):
     state, shardings = S.create_state(init, mesh, rng=jax.random.key(0))
     lpips = LPIPS() if loss.perceptual_weight > 0 else None
     pure = S.make_train_step(model, disc, loss, _adam(), _adam(), ema_max_decay=ema, lpips=lpips)
-    step = S.ShardedTrainStep(pure, shardings, mesh, lpips_params)
+    step = S.sharded_train_step(pure, shardings, mesh, lpips_params)
     x = np.random.default_rng(0).uniform(-1, 1, (8, SIZE, SIZE, 3)).astype(np.float32)
     batch = {"image": jax.device_put(x, batch_sharding(mesh))}
     return dict(mesh=mesh, model=model, disc=disc, state=state, shardings=shardings, step=step,
@@ -181,7 +181,7 @@ def test_bad_setups_are_clear_errors():
         S.make_train_step(S.build_autoencoder(VQ), disc, loss, _adam(), _adam(), lpips=LPIPS())
     with pytest.raises(ValueError, match="LPIPS"):
         S.make_train_step(S.build_autoencoder(KL), disc, loss, _adam(), _adam())
-    step = S.ShardedTrainStep(lambda s, b, r, p: (s, {}), None, make_mesh(("data",), (-1,)))
+    step = S.sharded_train_step(lambda s, p, b, r: (s, {}), None, make_mesh(("data",), (-1,)))
     with pytest.raises(ValueError, match="'image'"):
         step(None, {"latents": np.zeros((8, 2, 2, 4))}, None)
 
@@ -191,19 +191,27 @@ def test_step_is_compiled_with_ldm_jax_compile_options(monkeypatch):
     # an option value XLA rejects: the step only fails to compile if the options reach its jit
     monkeypatch.setattr(S, "compiler_options",
                         lambda: {"xla_cpu_experimental_ynn_fusion_type": "NO_SUCH_TYPE"})
-    step = S.ShardedTrainStep(lambda s, b, r, p: (s, {}), None, make_mesh(("data",), (-1,)))
+    step = S.sharded_train_step(lambda s, p, b, r: (s, {}), None, make_mesh(("data",), (-1,)))
     with pytest.raises(Exception, match="NO_SUCH_TYPE"):
         step(jnp.zeros(2), {"image": np.zeros((8, 2, 2, 3), np.float32)}, jax.random.key(0))
 
-def _config(name):
+def _config(arg):
     from ldm_jax.training.config_overrides import load_config
 
-    return load_config(str(Path(__file__).resolve().parent.parent / "configs" / f"{name}.py"))
+    path = Path(__file__).resolve().parent.parent / "configs" / "autoencoder.py"
+    return load_config(str(path), arg)
+
+
+def test_autoencoder_config_names_the_allowed_arguments():
+    allowed = "kl-f4, kl-f8, kl-f16, kl-f32, vq-f4, vq-f8, vq-f16, tiny"
+    for arg in (None, "kl-f64"):
+        with pytest.raises(ValueError, match=f"argument {arg!r}; allowed: {allowed} "):
+            _config(arg)
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_LOSSES))
 def test_published_configs(name, tmp_path, monkeypatch):
-    config = _config(f"autoencoder_{name.replace('-', '_')}")
+    config = _config(name)
     assert config.trainer == "autoencoder" and config.optimizer.b1 == 0.5
     monkeypatch.chdir(tmp_path)  # no lpips.safetensors here: a clear error naming the fix
     with pytest.raises(LPIPSWeightsError, match="lpips_weights --vgg16"):
@@ -217,7 +225,7 @@ def test_published_configs(name, tmp_path, monkeypatch):
 
 
 def test_autoencoder_task_runs_in_the_loop(tmp_path):
-    config = _config("autoencoder_tiny")
+    config = _config("tiny")
     config.model.spec = spec_to_dict(ModelSpec(first_stage=KL))
     config.data.image_size = SIZE
     config.loss.update(dict(disc_start=1, disc_num_layers=2))

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+from support.tiny_specs import TINY_VQ
 
 from ldm_jax.checkpoints.compvis.autoencoder import compvis_first_stage_table
 from ldm_jax.checkpoints.compvis.checkpoint_table import (
@@ -26,7 +27,7 @@ from ldm_jax.checkpoints.diffusers.unet import diffusers_unet_config, diffusers_
 from ldm_jax.checkpoints.errors import CheckpointMismatchError
 from ldm_jax.checkpoints.key_table import flatten_params
 from ldm_jax.checkpoints.transformers_clip import clip_text_abstract_params
-from ldm_jax.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm_jax.models.autoencoder import AutoencoderKL
 from ldm_jax.models.clip_text import CLIPTextConfig
 from ldm_jax.models.conditioning import (
     ClassEmbedder,
@@ -36,23 +37,16 @@ from ldm_jax.models.conditioning import (
 )
 from ldm_jax.models.ldm_bert import LDMBert, LDMBertConfig
 from ldm_jax.models.params import abstract_params
-from ldm_jax.models.unet import UNet, UNetConfig
+from ldm_jax.models.unet import UNet
 from ldm_jax.models.vq import VQConfig, VQModel
+from ldm_jax.presets.tiny import TINY_UNET, TINY_VAE
 from ldm_jax.spec import CondStageSpec, ModelSpec
 
 CLIP = CLIPTextConfig(vocab_size=99, max_length=16, width=32, num_layers=2, num_heads=4, mlp_dim=37)
-UNET = UNetConfig(
-    in_channels=4,
-    out_channels=4,
-    model_channels=32,
-    channel_mult=(1, 2),
-    num_res_blocks=1,
-    attention_resolutions=(1,),
-    num_heads=2,
-    use_spatial_transformer=True,
-    context_dim=32,
+UNET = dataclasses.replace(
+    TINY_UNET, attention_resolutions=(1,), context_dim=CLIP.width, legacy=True
 )
-VAE = AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=32)
+VAE = TINY_VAE
 LDM_BERT = LDMBertConfig(
     vocab_size=50, max_length=8, width=32, num_layers=2, num_heads=2, head_dim=8, mlp_dim=16
 )
@@ -230,16 +224,7 @@ def test_every_cond_stage_composes(cond):
 
 
 def test_standalone_first_stage_files_and_first_stage_as_cond_stage():
-    vq = VQConfig(
-        ch=32,
-        ch_mult=(1, 2),
-        num_res_blocks=1,
-        resolution=32,
-        z_channels=3,
-        embed_dim=3,
-        n_embed=8,
-        mid_attention=False,
-    )
+    vq = dataclasses.replace(TINY_VQ, n_embed=8, mid_attention=False)
     spec = ModelSpec(first_stage=vq)
     table = compvis_checkpoint_table(spec)
     params = _random(_abstract(spec))

@@ -17,6 +17,7 @@ import pytest
 import torch
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from references.openaimodel_reference import _Net, unet_forward
+from support.tiny_specs import PARITY_UNET
 
 from ldm_jax.checkpoints.compvis.unet import compvis_unet_table
 from ldm_jax.checkpoints.diffusers.unet import diffusers_unet_config, diffusers_unet_table
@@ -28,16 +29,7 @@ from ldm_jax.presets.unets import UNET_PRESETS
 
 PREFIX = "model.diffusion_model."
 CONTEXT_DIM = 24
-BASE = UNetConfig(
-    in_channels=4,
-    out_channels=3,
-    model_channels=32,
-    channel_mult=(1, 2, 2),
-    num_res_blocks=1,
-    attention_resolutions=(1, 2),
-    num_heads=2,
-    legacy=False,
-)
+BASE = PARITY_UNET
 SD1 = dataclasses.replace(BASE, use_spatial_transformer=True, context_dim=CONTEXT_DIM)
 SD2 = dataclasses.replace(
     SD1,

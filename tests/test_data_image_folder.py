@@ -7,12 +7,11 @@ import sys
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from ldm_jax.data.errors import DataError
 from ldm_jax.data.image_folder import build_image_folder_dataset, find_examples, main
-
-tfds = pytest.importorskip("tensorflow_datasets")
 
 
 def _pixels(seed: int, shape=(6, 5, 3)) -> np.ndarray:

@@ -19,8 +19,6 @@ from ldm_jax.data import (
 from ldm_jax.data.image_folder import build_image_folder_dataset
 from ldm_jax.tokenizers.clip import CLIPTokenizer
 
-pytest.importorskip("tensorflow_datasets")
-
 COLOURS = {
     "red": (255, 0, 0),
     "green": (0, 255, 0),

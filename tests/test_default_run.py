@@ -8,25 +8,29 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
+from support import toy_regression_config, toy_task
 
 from ldm_jax.checkpoints import LatentDiffusionCheckpoint
 from ldm_jax.cli import sample as sampling_cli
-from ldm_jax.training import default_task, loop, tasks
+from ldm_jax.cli import train as train_cli
+from ldm_jax.training import default_task, loop
 from ldm_jax.training.config_overrides import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ROOT / "configs" / "default.py"
 
 
-def _train_module():
-    spec = importlib.util.spec_from_file_location("train_cli", ROOT / "train.py")
+def _train_script():
+    """train.py, the thin script: its main is the train CLI's."""
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    assert module.main is train_cli.main
     return module
 
 
 def test_train_py_without_config_uses_the_default_config():
-    assert _train_module().DEFAULT_CONFIG == DEFAULT
+    assert train_cli.DEFAULT_CONFIG == DEFAULT
     config = load_config(str(DEFAULT))
     assert config.trainer == "default" and config.workdir_default == "runs/default"
     # offline: no LPIPS weights; left/right captions must not be flipped
@@ -58,27 +62,26 @@ def test_sample_py_without_a_default_model_says_to_run_train_py(tmp_path, monkey
 
 
 def test_final_state_is_the_last_step_or_else_the_last_checkpoint(tmp_path):
-    config = load_config(str(ROOT / "configs" / "toy_regression.py"))
+    """What the default run exports from: loop.run's state, also on a rerun of a finished stage."""
+    config = load_config(toy_regression_config.PATH)
     config.train.update(dict(num_steps=4, log_every=1, checkpoint_every=0, progress_bar=False))
-    kept = default_task.KeepsFinalState(tasks.make_task(config))
-    loop.run(config, tmp_path, kept)
-    trained = jax.device_get(kept.final_state(tmp_path / "checkpoints").params)
-    assert int(kept.final_state(tmp_path / "checkpoints").step) == 4
+    result = loop.run(config, tmp_path, toy_task.make_task(config))
+    trained = jax.device_get(result.state.params)
+    assert int(result.state.step) == 4
     # a rerun of the finished run takes no step: the state comes from its checkpoint
-    again = default_task.KeepsFinalState(tasks.make_task(config))
-    loop.run(config, tmp_path, again)
-    restored = again.final_state(tmp_path / "checkpoints")
-    assert int(restored.step) == 4
+    again = loop.run(config, tmp_path, toy_task.make_task(config))
+    restored = again.state
+    assert again.step == 4 and int(restored.step) == 4
     for a, b in zip(_leaves(trained), _leaves(restored.params), strict=True):
         np.testing.assert_array_equal(a, b)
-    fresh = tasks.make_task(config).init_state(jax.random.key(0))
+    fresh = toy_task.make_task(config).init_state(jax.random.key(0))
     assert any(not np.array_equal(a, b) for a, b in zip(_leaves(trained), _leaves(fresh.params),
                                                          strict=True))
 
 
 def test_default_run_end_to_end_then_sample_py(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # the default workdir runs/default lands here
-    assert _train_module().main(["train.py", f"--config={DEFAULT}:ci"]) == 0
+    assert _train_script().main(["train.py", f"--config={DEFAULT}:ci"]) == 0
     out = capsys.readouterr().out
     workdir = tmp_path / "runs" / "default"
     assert 'next: python sample.py --prompt "' in out  # default workdir: no --checkpoint needed

@@ -13,7 +13,7 @@ import yaml
 from diffusers.loaders import single_file_utils as diffusers_single_file
 from support.checkpoint_files import assert_same_params, write_state_dict
 from support.compvis_family_specs import CLASS_LDM, SD1, SD2, VAE, compvis_state_dict
-from support.tiny_specs import random_params
+from support.tiny_specs import UNCONDITIONAL_VQ, random_params
 
 from ldm_jax.checkpoints import load_checkpoint
 from ldm_jax.checkpoints.compvis.checkpoint_table import compvis_checkpoint_table
@@ -25,7 +25,6 @@ from ldm_jax.checkpoints.errors import (
     CheckpointMismatchError,
 )
 from ldm_jax.checkpoints.transformers_clip import clip_text_to_torch
-from ldm_jax.models.unet import UNetConfig
 from ldm_jax.spec import DiffusionSpec, ModelSpec
 from ldm_jax.tokenizers import CLIPTokenizer
 
@@ -269,14 +268,11 @@ def test_ldm_inpainting_yaml_concat_with_first_stage_conditioning(tmp_path):
     (a second first-stage copy saved under cond_stage_model.), attn_type none, resblock_updown."""
     spec = ModelSpec(
         first_stage=dataclasses.replace(CLASS_LDM.first_stage, mid_attention=False),
-        unet=UNetConfig(
+        unet=dataclasses.replace(
+            UNCONDITIONAL_VQ.unet,
             in_channels=7,
-            out_channels=3,
-            model_channels=32,
-            channel_mult=(1, 2),
-            num_res_blocks=1,
-            attention_resolutions=(2,),
             num_heads=2,
+            num_head_channels=-1,
             resblock_updown=True,
         ),
         diffusion=DiffusionSpec(

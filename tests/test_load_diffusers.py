@@ -28,6 +28,7 @@ from ldm_jax.models.clip_text import CLIPTextTransformer
 from ldm_jax.models.params import abstract_params
 from ldm_jax.models.unet import UNet, UNetConfig
 from ldm_jax.models.vq import VQModel
+from ldm_jax.presets.tiny import TINY_UNET
 from ldm_jax.presets.unets import UNET_PRESETS
 from ldm_jax.tokenizers import CLIPTokenizer
 
@@ -53,7 +54,8 @@ def test_stable_diffusion_folder_matches_diffusers(sd_folder, parity):
     assert spec.cond_stage.kind == "clip" and spec.cond_stage.config.num_heads == 2
     assert spec.unet.num_heads == 8 and spec.unet.context_dim == TEXT_WIDTH
     assert dataclasses.astuple(spec.diffusion) == (
-        1000, "scaled_linear", 0.00085, 0.012, "v_prediction", 0.13025, "crossattn", 8, None
+        1000, "scaled_linear", 0.00085, 0.012, "v_prediction", 0.13025, "crossattn", 8, None,
+        "leading", 1, True,  # StableDiffusionPipeline sets steps_offset=1; DDIM's default alpha
     )  # fmt: skip
     assert isinstance(checkpoint.tokenizer, CLIPTokenizer)
     assert checkpoint.tokenizer(["a photo"]).shape == (1, 77)
@@ -208,20 +210,16 @@ ROUND_TRIP = {
         name: UNET_PRESETS[name]
         for name in ("sd-v1", "sd-v2-base", "sd-v1-inpainting", "ldm-cin256-v2", "ldm-celebahq-256")
     },
-    "per-level depth, cross-only, classes": UNetConfig(
-        model_channels=32,
+    "per-level depth, cross-only, classes": dataclasses.replace(
+        TINY_UNET,
         channel_mult=(1, 2, 2),
         num_res_blocks=(1, 2, 1),
-        attention_resolutions=(1, 2),
-        num_heads=2,
-        use_spatial_transformer=True,
         context_dim=24,
         transformer_depth=(2, 1, 1),
         disable_self_attentions=(True, False, False),
         num_classes=7,
         use_scale_shift_norm=True,
         upcast_attention=True,
-        legacy=False,
     ),
     "adm sequential": dataclasses.replace(
         UNET_PRESETS["sd-v2-base"], num_classes="sequential", adm_in_channels=12

@@ -5,13 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+from references.lpips_reference import reference_lpips
 
-torch = pytest.importorskip("torch")
-
-from references.lpips_reference import reference_lpips  # noqa: E402
-
-from ldm_jax.training.lpips import LPIPS  # noqa: E402
-from ldm_jax.training.lpips_weights import (  # noqa: E402
+from ldm_jax.training.lpips import LPIPS
+from ldm_jax.training.lpips_weights import (
     LPIPSWeightsError,
     convert_lpips_state_dicts,
     load_lpips_params,

@@ -12,9 +12,10 @@ import torch
 from PIL import Image
 from support.tiny_pipelines import sd_pipeline
 
+from ldm_jax.atomic import DestinationExistsError
 from ldm_jax.checkpoints import LatentDiffusionCheckpoint
 from ldm_jax.models.conditioning import SpatialRescalerConfig
-from ldm_jax.sampling.pipeline import LatentDiffusionPipeline, TimestepConfig
+from ldm_jax.sampling.pipeline import LatentDiffusionPipeline
 from ldm_jax.spec import CondStageSpec
 
 PROMPTS = ["a photo of a cat", "an oil painting of a harbour"]
@@ -68,7 +69,10 @@ def _latents(batch, seed=0):
 
 
 def test_matches_diffusers_v_prediction(v_folder, v_pipe, parity):
-    assert v_pipe.timestep_config == TimestepConfig("leading", 1, True)  # read from the folder
+    diffusion = v_pipe.spec.diffusion  # timestep settings read from the folder's scheduler
+    assert (diffusion.timestep_spacing, diffusion.steps_offset, diffusion.set_alpha_to_one) == (
+        "leading", 1, True
+    )  # fmt: skip
     assert v_pipe.spec.diffusion.prediction_type == "v_prediction"
     latents = _latents(2)
     reference = _diffusers_images(v_folder, PROMPTS, NEGATIVES, latents)
@@ -81,18 +85,23 @@ def test_matches_diffusers_v_prediction(v_folder, v_pipe, parity):
     reference_uint8 = np.round(reference * 255).astype(np.int32)
     assert np.abs(ours_uint8.astype(np.int32) - reference_uint8).max() <= 2
     # the comparison sees the settings: ending at abar_0 instead of abar = 1 changes the pixels
-    v_pipe.timestep_config = TimestepConfig(set_alpha_to_one=False)  # same compiled function
-    try:
-        other = v_pipe(PROMPTS, latents=latents, output="float", **kwargs)
-    finally:
-        v_pipe.timestep_config = TimestepConfig("leading", 1, True)
+    other_spec = dataclasses.replace(
+        v_pipe.spec, diffusion=dataclasses.replace(diffusion, set_alpha_to_one=False)
+    )
+    other_pipe = LatentDiffusionPipeline(
+        LatentDiffusionCheckpoint(other_spec, v_pipe.params, v_pipe.tokenizer)
+    )
+    other = other_pipe(PROMPTS, latents=latents, output="float", **kwargs)
     assert np.abs(other - reference).max() > PIXEL_BAR
     assert 0.2 < np.mean((reference > 0) & (reference < 1))  # not just saturated pixels
 
 
 def test_matches_diffusers_epsilon_batch_sharded(eps_folder, parity):
     pipe = LatentDiffusionPipeline.from_pretrained(eps_folder)
-    assert pipe.timestep_config == TimestepConfig("leading", 1, False)
+    diffusion = pipe.spec.diffusion
+    assert (diffusion.timestep_spacing, diffusion.steps_offset, diffusion.set_alpha_to_one) == (
+        "leading", 1, False
+    )  # fmt: skip
     assert pipe.spec.diffusion.prediction_type == "epsilon"
     batch = 8  # divides the 8 fake CPU devices of conftest: the batch is sharded
     assert pipe.mesh.size == jax.local_device_count() == 8
@@ -131,6 +140,19 @@ def test_one_compilation_across_prompts_scales_and_weights(v_pipe):
         pipe("a red cube", num_inference_steps=2, eta=1.0, latents=x_T, seed=s) for s in (0, 1)
     ]
     assert not np.array_equal(*noisy)
+
+
+def test_save_pretrained_orbax_round_trip(v_pipe, tmp_path):
+    """save_pretrained writes the pipeline's checkpoint; reloaded, it samples the same images."""
+    folder = v_pipe.save_pretrained(tmp_path / "sd-orbax", format="orbax")
+    again = LatentDiffusionPipeline.from_pretrained(folder)
+    assert again.spec == v_pipe.spec  # timestep settings included
+    kwargs = dict(negative_prompt="blurry", num_inference_steps=3, seed=4, output="float")
+    ours = v_pipe(PROMPTS, **kwargs)
+    np.testing.assert_array_equal(again(PROMPTS, **kwargs), ours)
+    with pytest.raises(DestinationExistsError):
+        v_pipe.save_pretrained(folder, format="orbax")
+    v_pipe.save_pretrained(folder, format="orbax", overwrite=True)
 
 
 def test_bad_inputs(v_pipe):

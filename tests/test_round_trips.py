@@ -1,6 +1,8 @@
 """Format round trips through ldm_jax are bit-exact: diffusers -> ours -> diffusers, CompVis ->
 ours -> CompVis (from .safetensors and .ckpt), and CompVis -> ours -> orbax -> ours."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -50,6 +52,12 @@ def test_diffusers_to_ours_to_diffusers_is_bit_exact(tmp_path):
     )
     _assert_same_tensors(source, again)
     assert checkpoint.spec.diffusion.prediction_type == "v_prediction"
+    source, again = (
+        json.loads((tmp_path / name / "scheduler" / "scheduler_config.json").read_text())
+        for name in ("source", "again")
+    )
+    settings = ("timestep_spacing", "steps_offset", "set_alpha_to_one")  # written back as read
+    assert [source[k] for k in settings] == [again[k] for k in settings] == ["leading", 1, True]
     reloaded = load_checkpoint(tmp_path / "again")
     assert reloaded.spec == checkpoint.spec
     ids = reloaded.tokenizer(["a photo of a cat"])

@@ -5,11 +5,10 @@ import sys
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
-tfds = pytest.importorskip("tensorflow_datasets")
-
-from ldm_jax.data import shapes_builder  # noqa: E402 - after the importorskip
-from ldm_jax.data.shapes import Scene, ShapesConfig, generate_example, parse_caption  # noqa: E402
+from ldm_jax.data import loader, shapes_builder
+from ldm_jax.data.shapes import Scene, ShapesConfig, generate_example, parse_caption
 
 NAME = "captioned_shapes/tiny"
 
@@ -42,11 +41,10 @@ def test_data_source_reads_what_the_generator_makes_without_tensorflow(data_dir)
 
 
 def test_prepared_dataset_is_read_by_the_tfds_loader(data_dir):
-    data = pytest.importorskip("ldm_jax.data.loader")  # the DATA input pipeline
-    cfg = data.default_data_config(
+    cfg = loader.default_data_config(
         source="tfds", name=NAME, data_dir=data_dir, image_size=32, num_threads=1, flip=False
     )
-    batch = next(iter(data.make_train_dataset(cfg, None, 4, 0)))
+    batch = next(iter(loader.make_train_dataset(cfg, None, 4, 0)))
     assert batch["image"].shape == (4, 32, 32, 3)
 
 

@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ldm_jax.data import shapes
+from ldm_jax.data import loader, shapes
 from ldm_jax.data.shapes import (
     COLORS,
     RELATIONS,
@@ -129,9 +129,8 @@ def test_in_memory_source_hook():
 
 
 def test_usable_through_the_data_loader():
-    data = pytest.importorskip("ldm_jax.data.loader")  # the DATA input pipeline
-    cfg = data.default_data_config(source="shapes", image_size=32, num_threads=1, flip=False)
-    iterator = data.make_train_dataset(cfg, None, 4, 0)
+    cfg = loader.default_data_config(source="shapes", image_size=32, num_threads=1, flip=False)
+    iterator = loader.make_train_dataset(cfg, None, 4, 0)
     batch = next(iter(iterator))
     assert batch["image"].shape == (4, 32, 32, 3)
     assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0

@@ -6,27 +6,27 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from support import toy_regression_config
+from support.toy_task import TOY_TASKS
 
 from ldm_jax.training import loop, metrics, tasks
 from ldm_jax.training.checkpointing import Checkpointer
 from ldm_jax.training.config_overrides import OverrideError, check_override_keys, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def toy_config(**train):
-    config = load_config(str(ROOT / "configs" / "toy_regression.py"))
+    config = load_config(toy_regression_config.PATH)
     config.train.update(dict(num_steps=6, log_every=1, checkpoint_every=3, progress_bar=False))
     config.train.update(train)
     return config
 
 
 def run(config, workdir):
-    return loop.run(config, workdir, tasks.make_task(config))
+    return loop.run(config, workdir, tasks.make_task(config, TOY_TASKS))
 
 
 def final_params(config, workdir, step):
-    task = tasks.make_task(config)
+    task = tasks.make_task(config, TOY_TASKS)
     state = task.init_state(jax.random.key(123))  # a different init: restore must overwrite it
     restored, data_state, saved_config = Checkpointer(Path(workdir) / "checkpoints").restore(
         step, state
@@ -40,7 +40,7 @@ def losses(workdir):
 
 def test_params_and_optimizer_state_are_sharded(tmp_path):
     config = toy_config()
-    task = tasks.make_task(config)
+    task = tasks.make_task(config, TOY_TASKS)
     state = task.init_state(jax.random.key(0))
     w = state.params["w"]
     assert w.sharding.spec[1] == "fsdp"  # fan_out over the 8-way fsdp axis
@@ -53,7 +53,7 @@ def test_params_and_optimizer_state_are_sharded(tmp_path):
 def test_run_logs_checkpoints_and_config(tmp_path):
     config = toy_config(sample_every=3)
     result = run(config, tmp_path)
-    assert result.step == 6 and not result.preempted
+    assert result.step == 6 and not result.preempted and int(result.state.step) == 6
     records = metrics.read_jsonl(tmp_path / "metrics.jsonl")
     assert sorted(records) == [1, 2, 3, 4, 5, 6]
     assert {"loss", "grad_norm", "learning_rate"} <= set(records[1])
@@ -111,9 +111,12 @@ def test_bad_inputs_are_one_clear_error():
         check_override_keys(config, ["trian"])
     config.data.global_batch_size = 12
     with pytest.raises(ValueError, match="12 is not divisible by the data-parallel size 8"):
-        tasks.make_task(config)
+        tasks.make_task(config, TOY_TASKS)
     config.trainer = "gan"
     with pytest.raises(ValueError, match="unknown config.trainer 'gan'; allowed: .*ldm"):
+        tasks.make_task(config, TOY_TASKS)
+    config.trainer = "toy_regression"  # test scaffolding: production does not know it
+    with pytest.raises(ValueError, match="'toy_regression'; allowed: autoencoder, default, ldm$"):
         tasks.make_task(config)
 
 

@@ -49,7 +49,7 @@ def test_ldm_task_trains_checkpoints_and_samples(tmp_path):
     config = micro_config()
     task = tasks.make_task(config)
     result = loop.run(config, tmp_path, task)
-    assert result.step == 3
+    assert result.step == 3 and int(result.state.step) == 3
     records = metrics.read_jsonl(tmp_path / "metrics.jsonl")
     assert sorted(records) == [1, 2, 3]
     assert all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in records.values())

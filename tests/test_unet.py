@@ -10,21 +10,10 @@ import pytest
 
 from ldm_jax.models.params import abstract_params, count_params
 from ldm_jax.models.unet import UNet, UNetConfig, attention_heads, unet_layout
+from ldm_jax.presets.tiny import TINY_UNET
 from ldm_jax.presets.unets import PREDICTION_TYPES, UNET_PRESETS
 
-TINY = UNetConfig(
-    in_channels=4,
-    out_channels=4,
-    model_channels=32,
-    channel_mult=(1, 2),
-    num_res_blocks=1,
-    attention_resolutions=(2,),
-    num_heads=2,
-    use_spatial_transformer=True,
-    context_dim=16,
-    legacy=False,
-    dropout=0.1,
-)
+TINY = dataclasses.replace(TINY_UNET, attention_resolutions=(2,), context_dim=16, dropout=0.1)
 
 
 # One level (no resampling) keeps the compiled tests below fast.

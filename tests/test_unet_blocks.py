@@ -1,5 +1,7 @@
 """UNet building blocks against their PyTorch counterparts (diffusers / torch.nn.functional)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,10 +10,11 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import get_timestep_embedding
 from diffusers.models.resnet import Downsample2D, Upsample2D
+from support.tiny_specs import UNCONDITIONAL_VQ
 
 from ldm_jax.checkpoints.key_table import Transform
 from ldm_jax.models.params import abstract_params
-from ldm_jax.models.unet import UNet, UNetConfig
+from ldm_jax.models.unet import UNet
 from ldm_jax.models.unet_blocks import Downsample, ResBlock, Upsample, timestep_embedding
 
 RNG = np.random.default_rng(0)
@@ -71,16 +74,7 @@ def test_resblock_rejects_unknown_resample():
 
 
 def test_conv_resample_false_builds_pooling_unet():
-    config = UNetConfig(
-        in_channels=3,
-        out_channels=3,
-        model_channels=32,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        num_head_channels=32,
-        attention_resolutions=(2,),
-        conv_resample=False,
-    )
+    config = dataclasses.replace(UNCONDITIONAL_VQ.unet, num_head_channels=32, conv_resample=False)
     x, t = jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,))
     params = abstract_params(UNet(config), x, t)
     assert "input_blocks_2_down" not in params  # avg-pool and nearest upsampling: no weights

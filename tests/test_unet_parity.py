@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from support.tiny_specs import PARITY_UNET
 
 from ldm_jax.checkpoints.diffusers.unet import diffusers_unet_config, diffusers_unet_table
 from ldm_jax.checkpoints.errors import CheckpointMismatchError
@@ -17,16 +18,7 @@ from ldm_jax.presets.unets import UNET_PRESETS
 
 CONTEXT_DIM = 24
 # SD-like layout at toy size: attention at ds 1 and 2, none at the deepest level.
-BASE = UNetConfig(
-    in_channels=4,
-    out_channels=3,
-    model_channels=32,
-    channel_mult=(1, 2, 2),
-    num_res_blocks=1,
-    attention_resolutions=(1, 2),
-    num_heads=2,
-    legacy=False,
-)
+BASE = PARITY_UNET
 CROSS = dataclasses.replace(BASE, use_spatial_transformer=True, context_dim=CONTEXT_DIM)
 
 

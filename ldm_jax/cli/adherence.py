@@ -12,7 +12,6 @@ Bad input is one ``error:`` line on stderr and exit status 2; outputs are writte
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 from pathlib import Path
@@ -20,26 +19,25 @@ from pathlib import Path
 import numpy as np
 
 from ldm_jax.atomic import atomic_output
+from ldm_jax.cli.common import (
+    SAMPLERS,
+    Parser,
+    UsageError,
+    load_pipeline,
+    prog_name,
+    require_checkpoint,
+    run_command,
+)
 from ldm_jax.data.shapes import ShapesConfig, ShapesSource
 from ldm_jax.eval.adherence import METRICS, TARGETS, score
+from ldm_jax.images import make_grid, write_png
 
-EXIT_BAD_INPUT = 2
-SAMPLERS = {"ddim": "ddim", "ddpm": "ddpm", "plms": "plms", "dpm++": "dpm_solver"}
 _SETTINGS = ("n", "steps", "sampler", "guidance", "batch", "seed", "data_seed")
 
 
-class UsageError(Exception):
-    """Bad command-line input: one ``error:`` line, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="python -m ldm_jax.eval.adherence",
+    parser = Parser(
+        prog=prog_name("python -m ldm_jax.eval.adherence"),
         description="Sample the shapes test split's captions with a text-to-image checkpoint and "
         "report how often the images show the captions' colours, shapes, positions and sizes.",
     )
@@ -66,11 +64,12 @@ def check_args(args) -> None:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     if args.batch < 1:
         raise UsageError(f"--batch must be >= 1, got {args.batch}")
-    if not Path(args.checkpoint).expanduser().exists():
-        raise UsageError(
-            f"checkpoint {args.checkpoint!r} not found: pass the folder or file a training run "
-            "saved (e.g. the default run's checkpoint; see README)"
-        )
+    require_checkpoint(
+        args.checkpoint,
+        hub_ids=False,
+        hint="pass the folder or file a training run saved (e.g. the default run's checkpoint; "
+        "see README)",
+    )
     for flag in ("json", "grid"):
         path = getattr(args, flag)
         if path and Path(path).exists() and not args.overwrite:
@@ -108,20 +107,13 @@ def format_table(report) -> str:
 
 
 def main(argv=None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-        check_args(args)
-        return _evaluate(args)
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    """``python -m ldm_jax.eval.adherence`` / ``ldm-jax-adherence``: the exit status (0, 2)."""
+    return run_command(build_parser(), _evaluate, argv)
 
 
 def _evaluate(args) -> int:
-    try:
-        pipe = _load_pipeline(str(Path(args.checkpoint).expanduser()))
-    except (ValueError, OSError, ImportError, KeyError, NotImplementedError) as error:
-        raise UsageError(f"cannot load checkpoint {args.checkpoint!r}: {error}") from error
+    check_args(args)
+    pipe = load_pipeline(args.checkpoint)
     prompts = ShapesSource(ShapesConfig(seed=args.data_seed), "test").captions(args.n)
     images = sample_images(pipe, prompts, args)
     report = score(images, prompts)
@@ -141,20 +133,9 @@ def _evaluate(args) -> int:
             temporary.write_text(json.dumps(payload, indent=1))
         print(f"wrote {args.json}")
     if args.grid:
-        from ldm_jax.cli.sample import make_grid  # noqa: PLC0415
-
-        grid = make_grid(pipe.to_pil(images))
-        with atomic_output(args.grid, overwrite=args.overwrite) as temporary:
-            grid.save(temporary, format="PNG")
+        write_png(make_grid(images), args.grid)  # existing files were refused in check_args
         print(f"wrote {args.grid}")
     return 0
-
-
-@functools.lru_cache(maxsize=1)
-def _load_pipeline(checkpoint: str):
-    from ldm_jax.sampling.pipeline import LatentDiffusionPipeline  # noqa: PLC0415 - slow import
-
-    return LatentDiffusionPipeline.from_pretrained(checkpoint)
 
 
 if __name__ == "__main__":

@@ -12,15 +12,16 @@ and the exit status is non-zero (2) with one line saying what is wrong.
 import argparse
 import sys
 
-EXIT_BAD_INPUT = 2
+from ldm_jax.cli.common import Parser, UsageError, prog_name, run_command
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from ldm_jax.checkpoints.save import EXPORT_FORMATS  # noqa: PLC0415
 
-    parser = argparse.ArgumentParser(
-        prog="python -m ldm_jax.convert",
+    parser = Parser(
+        prog=prog_name("python -m ldm_jax.convert"),
         description="Convert a latent-diffusion checkpoint between CompVis, diffusers and orbax.",
     )
     parser.add_argument("source", help="checkpoint file, diffusers/orbax folder, or hub id")
@@ -35,7 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    """``python -m ldm_jax.convert`` / ``ldm-jax-convert``: the exit status (0, or 2)."""
+    return run_command(build_parser(), _convert, argv)
+
+
+def _convert(args) -> int:
     import jax.numpy as jnp  # noqa: PLC0415 - keep --help fast
 
     from ldm_jax.checkpoints import load_checkpoint, save_checkpoint  # noqa: PLC0415
@@ -52,8 +57,7 @@ def main(argv=None) -> int:
             checkpoint, args.destination, format=args.format, overwrite=args.overwrite
         )
     except (ValueError, OSError, ImportError, KeyError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        raise UsageError(str(error)) from error
     print(f"wrote {args.format} checkpoint to {written}")
     return 0
 

@@ -19,18 +19,24 @@ the PNGs are written into a temporary folder inside ``--out`` and then moved int
 from __future__ import annotations
 
 import argparse
-import functools
 import json
-import math
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-EXIT_BAD_INPUT = 2
-# CLI name -> library sampler name
-SAMPLERS = {"ddim": "ddim", "ddpm": "ddpm", "plms": "plms", "dpm++": "dpm_solver"}
+from ldm_jax.cli.common import (
+    SAMPLERS,
+    Parser,
+    UsageError,
+    load_pipeline,
+    prog_name,
+    require_checkpoint,
+    run_command,
+)
+from ldm_jax.images import make_grid, to_pil
+
 DTYPES = ("float32", "bfloat16")
 GRID_NAME = "grid.png"
 # the model `python train.py` (the built-in default run) writes; used when --checkpoint is omitted
@@ -41,18 +47,9 @@ CHECKPOINT_HELP = (
 )
 
 
-class UsageError(Exception):
-    """Bad command-line input: reported as one ``error:`` line, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one "error:" line instead of usage + error
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="python sample.py",
+    parser = Parser(
+        prog=prog_name("python sample.py"),
         description="Sample images from a latent diffusion checkpoint (Stable Diffusion 1.x/2.x "
         "incl. inpainting, the LDM zoo: text-to-image, unconditional, class-conditional, "
         "inpainting, super-resolution). Writes one PNG per image and grid.png into --out; bad "
@@ -126,19 +123,6 @@ def output_names(n: int) -> list[str]:
     return [f"{i:0{digits}d}.png" for i in range(n)]
 
 
-def make_grid(images):
-    """PIL images of one size tiled in a near-square grid (ceil(sqrt(n)) columns), row by row."""
-    from PIL import Image  # noqa: PLC0415
-
-    cols = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h))
-    for k, image in enumerate(images):
-        grid.paste(image, ((k % cols) * w, (k // cols) * h))
-    return grid
-
-
 def check_args(args) -> None:
     """Checks that need no model; UsageError on the first problem."""
     if not args.checkpoint:
@@ -167,8 +151,7 @@ def check_args(args) -> None:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UsageError(f"--{flag} must be positive, got {value}")
-    if not _exists_or_hub_id(args.checkpoint):
-        raise UsageError(f"checkpoint {args.checkpoint!r} not found: pass {CHECKPOINT_HELP}")
+    require_checkpoint(args.checkpoint, hint=f"pass {CHECKPOINT_HELP}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a folder")
@@ -287,14 +270,18 @@ def prompt_warnings(tokenizer, prompts) -> list[str]:
     return warnings
 
 
-def write_images(images, out: Path, metadata: dict) -> list[Path]:
-    """Save the per-image PNGs and grid.png into ``out`` (temp folder, then moves)."""
+def write_images(images_BHWC, out: Path, metadata: dict) -> list[Path]:
+    """Save the per-image PNGs and grid.png, each with ``metadata`` as its "parameters" text, into
+    ``out``: all are written into a temporary folder there first, then moved into place, so a
+    failed encode leaves no partial set."""
+    from PIL import Image  # noqa: PLC0415
     from PIL.PngImagePlugin import PngInfo  # noqa: PLC0415
 
     info = PngInfo()
     info.add_text("parameters", json.dumps(metadata))
-    names = output_names(len(images))
-    files = [*zip(names, images, strict=True), (GRID_NAME, make_grid(images))]
+    names = output_names(len(images_BHWC))
+    grid = Image.fromarray(make_grid(images_BHWC))
+    files = [*zip(names, to_pil(images_BHWC), strict=True), (GRID_NAME, grid)]
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".sample-", dir=out))
     try:
@@ -310,23 +297,16 @@ def write_images(images, out: Path, metadata: dict) -> list[Path]:
 
 
 def main(argv=None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-        check_args(args)
-        return _sample(args)
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    """``python sample.py`` / ``ldm-jax-sample``: the exit status (0, or 2 for bad input)."""
+    return run_command(build_parser(), _sample, argv)
 
 
 def _sample(args) -> int:
-    from ldm_jax.sampling.pipeline import LatentDiffusionPipeline, sampler_iterations  # noqa: PLC0415
+    check_args(args)  # before the slow imports: bad input is answered at once
+    from ldm_jax.sampling.pipeline import sampler_iterations  # noqa: PLC0415 - imports jax
     from ldm_jax.sampling.progress import StepProgress  # noqa: PLC0415
 
-    try:
-        pipe = _load_pipeline(args.checkpoint, args.dtype, args.compilation_cache)
-    except (ValueError, OSError, ImportError, KeyError, NotImplementedError) as error:
-        raise UsageError(f"cannot load checkpoint {args.checkpoint!r}: {error}") from error
+    pipe = load_pipeline(args.checkpoint, args.dtype, args.compilation_cache)
     check_model(args, pipe)
     kwargs = task_inputs(args, pipe.task)
     texts = [] if args.prompt is None else [("--prompt", args.prompt)]
@@ -365,34 +345,11 @@ def _sample(args) -> int:
         if getattr(args, key) is not None:
             metadata[key] = getattr(args, key)
     metadata.update(guidance=args.guidance, seed=args.seed)
-    written = write_images(LatentDiffusionPipeline.to_pil(images), Path(args.out), metadata)
+    written = write_images(images, Path(args.out), metadata)
     names = [p.name for p in written[:-1]]
     names = ", ".join(names) if len(names) <= 4 else f"{names[0]} ... {names[-1]}"
     print(f"wrote {len(written) - 1} images ({names}) and {GRID_NAME} to {Path(args.out)}/")
     return 0
-
-
-@functools.lru_cache(maxsize=1)
-def _load_pipeline(checkpoint: str, dtype: str, compilation_cache: str | None):
-    """The pipeline, kept for the next main() in this process (notebooks, tests): no recompiles."""
-    import jax.numpy as jnp  # noqa: PLC0415 - keep --help and argument errors fast
-
-    from ldm_jax.sampling.pipeline import LatentDiffusionPipeline  # noqa: PLC0415
-
-    return LatentDiffusionPipeline.from_pretrained(
-        checkpoint, dtype=getattr(jnp, dtype), compilation_cache_dir=compilation_cache
-    )
-
-
-def _exists_or_hub_id(checkpoint: str) -> bool:
-    """True for an existing path or something shaped like a hub id ("org/name")."""
-    if Path(checkpoint).expanduser().exists():
-        return True
-    parts = checkpoint.split("/")
-    local_looking = checkpoint.startswith((".", "/", "~")) or checkpoint.endswith(
-        (".safetensors", ".ckpt", ".pt", ".bin")
-    )
-    return len(parts) == 2 and all(parts) and not local_looking
 
 
 if __name__ == "__main__":

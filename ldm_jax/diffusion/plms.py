@@ -20,19 +20,21 @@ Step for step the same as diffusers with "leading" spacing and
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 
 from ldm_jax.diffusion import _common
 from ldm_jax.diffusion.parameterization import canonical_prediction_type
 
 # Adams-Bashforth coefficients for 1..4 stored eps, oldest first (the history is kept newest last).
-_AB_COEFFS = jnp.array(
+# A numpy constant: a jnp array here would initialise a JAX backend at import time.
+_AB_COEFFS = np.array(
     [
         [0.0, 0.0, 0.0, 1.0],
         [0.0, 0.0, -1.0 / 2, 3.0 / 2],
         [0.0, 5.0 / 12, -16.0 / 12, 23.0 / 12],
         [-9.0 / 24, 37.0 / 24, -59.0 / 24, 55.0 / 24],
     ],
-    jnp.float32,
+    np.float32,
 )
 
 
@@ -82,7 +84,7 @@ def sample(
         correction = i == 1
         pushed = jnp.concatenate([ets[1:], e[None]])
         new_count = jnp.minimum(count + 1, 4)
-        coeffs = _AB_COEFFS[new_count - 1].reshape((4,) + (1,) * x.ndim)
+        coeffs = jnp.asarray(_AB_COEFFS)[new_count - 1].reshape((4,) + (1,) * x.ndim)
         eps = jnp.where(correction, 0.5 * (e + ets[-1]), jnp.sum(coeffs * pushed, axis=0))
         start = jnp.where(correction, x_saved, x)
         a_from, a_to = _common.abar(schedule, t_from), _common.abar(schedule, t_to)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ldm_jax.sampling.tasks import INPAINTING
+from ldm_jax.sampling.tasks import INPAINTING, Task
 
 # PIL's "L" conversion (ITU-R 601-2 luma), used for RGB mask arrays as PIL does for RGB images
 _LUMA = np.array([299, 587, 114], np.float32) / 1000
@@ -139,26 +139,41 @@ def strength_slice(num_steps: int, strength: float) -> int:
     return num_steps - kept
 
 
+def latent_size(spec, height: int | None, width: int | None) -> tuple[int, int]:
+    """(h, w) latent size for an output of height x width pixels (None: the spec's default)."""
+    f = int(spec.first_stage.downsample_factor)
+    default = spec.diffusion.latent_size * f
+    sizes = []
+    for name, value in (("height", height), ("width", width)):
+        value = default if value is None else int(value)
+        if value < f or value % f:
+            raise ValueError(f"{name} must be a positive multiple of {f} (the VAE factor)")
+        sizes.append(value // f)
+    return sizes[0], sizes[1]
+
+
 # --- the pipeline call's inputs (host arrays), checked against the checkpoint's task
-def condition_inputs(pipe, prompt, negative_prompt, class_labels, batch_size, scale):
+def condition_inputs(
+    task: Task, spec, tokenizer, prompt, negative_prompt, class_labels, batch_size, scale
+):  # fmt: skip
     """({"ids", "neg_ids"} or {"labels"} host arrays, guided) for the model's conditioning."""
-    kind = pipe.task.conditioning
+    kind = task.conditioning
     given = {"prompt": prompt, "class_labels": class_labels}
     wanted = {"text": "prompt", "class": "class_labels"}.get(kind)
     for name, value in given.items():
         if value is not None and name != wanted:
             raise ValueError(
-                f"{name} does not apply: this checkpoint ({pipe.task.name}) takes "
+                f"{name} does not apply: this checkpoint ({task.name}) takes "
                 f"{wanted or 'no conditioning (use batch_size)'}"
             )
     if wanted is not None and batch_size is not None:
         raise ValueError(f"batch_size does not apply: one image per {wanted} entry")
     if wanted is not None and given[wanted] is None:
-        raise ValueError(f"this checkpoint ({pipe.task.name}) needs {wanted}")
+        raise ValueError(f"this checkpoint ({task.name}) needs {wanted}")
     if negative_prompt is not None and kind != "text":
         raise ValueError("negative_prompt needs a text-conditioned checkpoint")
     if kind == "class":
-        config = pipe.spec.cond_stage.config
+        config = spec.cond_stage.config
         labels = class_label_batch(class_labels, config.n_classes, config.null_class)
         guided = float(scale) > 1.0
         if guided and config.null_class is None:
@@ -180,14 +195,14 @@ def condition_inputs(pipe, prompt, negative_prompt, class_labels, batch_size, sc
             raise ValueError(
                 f"negative_prompt has {len(negatives)} entries but prompt has {len(prompts)}"
             )
-    ids = np.asarray(pipe.tokenizer(prompts), np.int32)
-    neg_ids = np.asarray(pipe.tokenizer(negatives), np.int32)
+    ids = np.asarray(tokenizer(prompts), np.int32)
+    neg_ids = np.asarray(tokenizer(negatives), np.int32)
     return {"ids": ids, "neg_ids": neg_ids}, float(scale) > 1.0
 
 
-def image_inputs(pipe, batch, height, width, image, strength, mask, low_res):
+def image_inputs(task: Task, spec, batch, height, width, image, strength, mask, low_res):
     """(latent h, latent w, {"image", "mask", "low_res"} host arrays), all checked."""
-    task, f = pipe.task, pipe.vae_scale_factor
+    f = int(spec.first_stage.downsample_factor)
     inpainting = task.concat in INPAINTING
     for name, value, ok in (
         ("mask_image", mask, inpainting),
@@ -211,7 +226,7 @@ def image_inputs(pipe, batch, height, width, image, strength, mask, low_res):
         size = image_size(image)
         height = size[0] if height is None else height
         width = size[1] if width is None else width
-    h, w = pipe._latent_size(height, width)
+    h, w = latent_size(spec, height, width)
     inputs = {}
     if image is not None:
         inputs["image"] = image_batch(image, batch, (h * f, w * f))

@@ -1,6 +1,6 @@
 """Latent diffusion sampling: conditioning -> guided sampler -> first-stage decoder -> image.
 
-Every task of pipeline_tasks.py (text-to-image, unconditional, class-conditional, image-to-image,
+Every task of tasks.py (text-to-image, unconditional, class-conditional, image-to-image,
 SD and LDM inpainting, super-resolution) runs through the same call and the same jitted function.
 
 ```python
@@ -9,6 +9,7 @@ from ldm_jax.sampling.pipeline import LatentDiffusionPipeline
 pipe = LatentDiffusionPipeline.from_pretrained("v1-5-pruned-emaonly.safetensors")
 images = pipe("a photo of a cat", num_inference_steps=50, guidance_scale=7.5, seed=0)  # uint8 NHWC
 LatentDiffusionPipeline.to_pil(images)[0].save("cat.png")
+pipe.save_pretrained("sd15-orbax", format="orbax")  # or "diffusers", "compvis"
 pipe("a watercolour of a cat", image=images[0], strength=0.75)  # image-to-image
 # other checkpoints: pipe(batch_size=4) (unconditional), pipe(class_labels=[207, 360]) (cin256),
 # pipe("a bench", image=photo, mask_image=mask) (inpainting), pipe(low_res_image=small) (LDM SR)
@@ -27,16 +28,20 @@ Compilation of a full-size model takes tens of seconds; JAX's persistent compila
 compiled executables on disk across processes: ``enable_compilation_cache("~/.cache/ldm_jax")`` (or
 ``compilation_cache_dir=`` of the constructor) sets ``jax.config.jax_compilation_cache_dir``.
 
-Timesteps follow diffusers' DDIMScheduler: ``timestep_spacing`` ("leading"), ``steps_offset`` (1 in
-the Stable Diffusion configs) and the previous timestep ``t - T // N`` for DDIM and PLMS, ending at
-abar = 1 (``set_alpha_to_one=True``) or abar_0 (False: the Stable Diffusion release configs and
-CompVis). ``from_pretrained`` reads these three from a diffusers folder's ``scheduler/`` config.
+Timesteps follow diffusers' DDIMScheduler with the settings of the model description
+(``spec.diffusion``): ``timestep_spacing`` ("leading"), ``steps_offset`` (1 in the Stable
+Diffusion configs) and the previous timestep ``t - T // N`` for DDIM and PLMS, ending at abar = 1
+(``set_alpha_to_one=True``) or abar_0 (False: the Stable Diffusion release configs and CompVis).
+The checkpoint loaders fill them (a diffusers folder from its ``scheduler/`` config); to sample
+with others, build the pipeline from a checkpoint whose spec has them::
+
+    diffusion = dataclasses.replace(ckpt.spec.diffusion, timestep_spacing="trailing")
+    ckpt.spec = dataclasses.replace(ckpt.spec, diffusion=diffusion)
+    pipe = LatentDiffusionPipeline(ckpt)
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,21 +51,22 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ldm_jax.checkpoints import LatentDiffusionCheckpoint
+from ldm_jax.checkpoints import LatentDiffusionCheckpoint, save_checkpoint
 from ldm_jax.compile_options import compiler_options
 from ldm_jax.diffusion import (
     SAMPLERS,
     classifier_free_guidance,
-    make_schedule,
     make_timesteps,
     strided_previous_timesteps,
 )
+from ldm_jax.images import to_pil as images_to_pil
+from ldm_jax.latent_diffusion import apply_unet, schedule_from_spec
 from ldm_jax.models.factory import network_modules
 from ldm_jax.sampling import inputs as pipeline_inputs
 from ldm_jax.sampling import tasks as pipeline_tasks
 from ldm_jax.sampling.tasks import TEXT_CONDITIONINGS, model_task
 
-__all__ = ["TEXT_CONDITIONINGS", "LatentDiffusionPipeline", "TimestepConfig", "sampler_iterations"]
+__all__ = ["TEXT_CONDITIONINGS", "LatentDiffusionPipeline", "sampler_iterations"]
 OUTPUTS = ("uint8", "float")
 # samplers whose previous timestep is diffusers' "t - T // N" (DDIMScheduler, PNDMScheduler)
 _STRIDED_SAMPLERS = ("ddim", "plms")
@@ -73,24 +79,14 @@ def enable_compilation_cache(cache_dir: str | os.PathLike) -> None:
     jax.config.update("jax_compilation_cache_dir", str(path))
 
 
-@dataclasses.dataclass(frozen=True)
-class TimestepConfig:
-    """diffusers scheduler settings that pick the visited timesteps (see the module docstring)."""
-
-    timestep_spacing: str = "leading"
-    steps_offset: int = 1
-    set_alpha_to_one: bool = False
-
-
 class LatentDiffusionPipeline:
-    """Sampling with a latent diffusion checkpoint (any task of pipeline_tasks.py)."""
+    """Sampling with a latent diffusion checkpoint (any task of tasks.py)."""
 
     def __init__(
         self,
         checkpoint: LatentDiffusionCheckpoint,
         *,
         dtype=jnp.float32,
-        timesteps: TimestepConfig | None = None,
         compilation_cache_dir: str | os.PathLike | None = None,
     ):
         spec = checkpoint.spec
@@ -101,18 +97,12 @@ class LatentDiffusionPipeline:
             enable_compilation_cache(compilation_cache_dir)
         self.spec = spec
         self.tokenizer = checkpoint.tokenizer
-        self.timestep_config = timesteps or TimestepConfig()
-        modules = network_modules(spec, dtype)
-        self.unet = modules["unet"][0]
-        self.first_stage = modules["first_stage"][0]
-        self.cond_stage = modules["cond_stage"][0] if "cond_stage" in modules else None
-        diffusion = spec.diffusion
-        self.schedule = make_schedule(
-            diffusion.beta_schedule,
-            diffusion.num_timesteps,
-            diffusion.linear_start,
-            diffusion.linear_end,
-        )
+        # the Flax modules, keyed as the params: {"unet", "first_stage"[, "cond_stage"]}
+        self.modules = {name: module for name, (module, _) in network_modules(spec, dtype).items()}
+        self.unet = self.modules["unet"]
+        self.first_stage = self.modules["first_stage"]
+        self.cond_stage = self.modules.get("cond_stage")
+        self.schedule = schedule_from_spec(spec.diffusion)
         self.mesh = Mesh(np.array(jax.local_devices()), ("data",))
         replicated = NamedSharding(self.mesh, PartitionSpec())
         self.params = jax.device_put(checkpoint.params, replicated)
@@ -129,26 +119,25 @@ class LatentDiffusionPipeline:
         path_or_hub_id,
         dtype=jnp.float32,
         *,
-        timesteps: TimestepConfig | None = None,
         compilation_cache_dir=None,
         **load_kwargs,
     ) -> LatentDiffusionPipeline:
         """Load a checkpoint (any ``LatentDiffusionCheckpoint.from_pretrained`` source) to sample.
 
-        Params are stored and computed in ``dtype``. Without ``timesteps``, a diffusers folder's
-        scheduler config gives them, else the Stable Diffusion defaults (``TimestepConfig()``).
+        Params are stored and computed in ``dtype``; the timestep settings are the spec's.
         """
         checkpoint = LatentDiffusionCheckpoint.from_pretrained(
             path_or_hub_id, dtype=dtype, **load_kwargs
         )
-        if timesteps is None:
-            timesteps = _scheduler_timestep_config(path_or_hub_id)
-        return cls(
-            checkpoint,
-            dtype=dtype,
-            timesteps=timesteps,
-            compilation_cache_dir=compilation_cache_dir,
+        return cls(checkpoint, dtype=dtype, compilation_cache_dir=compilation_cache_dir)
+
+    def save_pretrained(self, destination, *, format: str, overwrite: bool = False) -> Path:  # noqa: A002
+        """Write the spec, params (in their current dtype) and tokenizer as "diffusers" (folder),
+        "compvis" (.safetensors file) or "orbax" (folder), as ``save_checkpoint`` does."""
+        checkpoint = LatentDiffusionCheckpoint(
+            self.spec, jax.device_get(self.params), self.tokenizer
         )
+        return save_checkpoint(checkpoint, destination, format=format, overwrite=overwrite)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -179,7 +168,7 @@ class LatentDiffusionPipeline:
     ) -> np.ndarray:
         """Images: uint8 [B, H, W, 3] (``output="float"``: float32 in [0, 1]).
 
-        What to pass depends on the checkpoint (``self.task``, see pipeline_tasks.py): ``prompt``
+        What to pass depends on the checkpoint (``self.task``, see tasks.py): ``prompt``
         (text models), ``class_labels`` (class models), ``batch_size`` (unconditional / LDM
         inpainting / SR; default 1), ``image`` + ``mask_image`` (inpainting, white = repaint),
         ``low_res_image`` (super-resolution: the output is the vae factor times larger), and
@@ -206,8 +195,9 @@ class LatentDiffusionPipeline:
         if steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         inputs, guided = pipeline_inputs.condition_inputs(
-            self, prompt, negative_prompt, class_labels, batch_size, guidance_scale
-        )
+            self.task, self.spec, self.tokenizer, prompt, negative_prompt, class_labels,
+            batch_size, guidance_scale,
+        )  # fmt: skip
         if inputs:
             batch = next(iter(inputs.values())).shape[0]
         else:
@@ -215,7 +205,7 @@ class LatentDiffusionPipeline:
         if batch < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         h, w, image_inputs = pipeline_inputs.image_inputs(
-            self, batch, height, width, image, strength, mask_image, low_res_image
+            self.task, self.spec, batch, height, width, image, strength, mask_image, low_res_image
         )
         inputs |= image_inputs
         shape = (batch, h, w, self.spec.unet.out_channels)
@@ -268,24 +258,9 @@ class LatentDiffusionPipeline:
     @staticmethod
     def to_pil(images) -> list:
         """uint8 [B, H, W, 3] (or float in [0, 1]) images as a list of PIL images."""
-        from PIL import Image  # noqa: PLC0415 - optional dependency
-
-        images = np.asarray(images)
-        if images.dtype != np.uint8:
-            images = np.round(np.clip(images, 0.0, 1.0) * 255).astype(np.uint8)
-        return [Image.fromarray(image) for image in images]
+        return images_to_pil(images)
 
     # --- internals
-    def _latent_size(self, height, width) -> tuple[int, int]:
-        f = self.vae_scale_factor
-        default = self.spec.diffusion.latent_size * f
-        sizes = []
-        for name, value in (("height", height), ("width", width)):
-            value = default if value is None else int(value)
-            if value < f or value % f:
-                raise ValueError(f"{name} must be a positive multiple of {f} (the VAE factor)")
-            sizes.append(value // f)
-        return sizes[0], sizes[1]
 
     def _host_step(self, i, x) -> None:
         """The one host function the compiled sampler calls; forwards to the call's callback."""
@@ -298,7 +273,7 @@ class LatentDiffusionPipeline:
         return NamedSharding(self.mesh, PartitionSpec())
 
     def _timesteps(self, sampler: str, steps: int):
-        cfg = self.timestep_config
+        cfg = self.spec.diffusion
         T = self.schedule.num_train_timesteps
         t_N = make_timesteps(steps, T, cfg.timestep_spacing, cfg.steps_offset)
         prev_N = None
@@ -311,27 +286,29 @@ class LatentDiffusionPipeline:
         with_callback=False, from_image=False,
     ):  # fmt: skip
         """The pure sampling function: (params, inputs, timesteps, ...) -> images."""
-        task = self.task
-        cond, uncond = pipeline_tasks.conditioning(self, params, task, inputs, guided)
+        spec, modules, task = self.spec, self.modules, self.task
+        cond, uncond = pipeline_tasks.conditioning(spec, modules, params, task, inputs, guided)
 
-        def apply_unet(x_t, t_B, c):
-            return pipeline_tasks.apply_unet(self, params, x_t, t_B, c)
+        def apply_fn(x_t, t_B, c):
+            return apply_unet(modules["unet"], params["unet"], x_t, t_B, c)
 
-        denoise = classifier_free_guidance(apply_unet, cond, uncond, scale if guided else 1.0)
-        x_T = pipeline_tasks.initial_latents(self, params, inputs, schedule, t_N[0], from_image)
+        denoise = classifier_free_guidance(apply_fn, cond, uncond, scale if guided else 1.0)
+        x_T = pipeline_tasks.initial_latents(
+            spec, modules, params, inputs, schedule, t_N[0], from_image
+        )
         options = {"eta": eta} if sampler == "ddim" else {}
         x0 = SAMPLERS[sampler](
             denoise,
             x_T,
             schedule,
             t_N,
-            prediction_type=self.spec.diffusion.prediction_type,
+            prediction_type=spec.diffusion.prediction_type,
             rng=rng,
             prev_timesteps=prev_N,
             callback=self._host_step if with_callback else None,
             **options,
         )
-        images = pipeline_tasks.decode(self, params, task, inputs, x0)
+        images = pipeline_tasks.decode(spec, modules, params, task, inputs, x0)
         if output == "uint8":
             return jnp.round(images * 255).astype(jnp.uint8)
         return images
@@ -344,16 +321,3 @@ def sampler_iterations(sampler: str, num_inference_steps: int, strength=None) ->
     if strength is not None:
         steps -= pipeline_inputs.strength_slice(steps, strength)
     return steps + 1 if sampler == "plms" and steps >= 2 else steps
-
-
-def _scheduler_timestep_config(path_or_hub_id) -> TimestepConfig:
-    """TimestepConfig from a local diffusers folder's scheduler config, else the SD defaults."""
-    config_file = Path(str(path_or_hub_id)) / "scheduler" / "scheduler_config.json"
-    if not config_file.is_file():
-        return TimestepConfig()
-    config = json.loads(config_file.read_text())
-    return TimestepConfig(
-        timestep_spacing=config.get("timestep_spacing", "leading"),
-        steps_offset=int(config.get("steps_offset", 0)),
-        set_alpha_to_one=bool(config.get("set_alpha_to_one", True)),
-    )

@@ -25,6 +25,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from ldm_jax.diffusion import q_sample
+from ldm_jax.latent_diffusion import encode_condition, unet_conditioning
 from ldm_jax.models.conditioning import unconditional_class_ids
 from ldm_jax.spec import TEXT_CONDITIONINGS
 
@@ -84,12 +85,14 @@ def model_task(spec) -> Task:
     )
 
 
-# --- pieces of the jitted sampling function (traced; `pipe` gives modules and the spec)
-def encode_image(pipe, params, image_BHWC):
+# --- pieces of the jitted sampling function (traced). `modules` and `params` share their keys
+# ("unet", "first_stage", "cond_stage"): the Flax modules and their parameter trees.
+def encode_image(spec, modules, params, image_BHWC):
     """[-1, 1] pixels -> unscaled latents, fp32 (KL posterior mean, VQ before quantisation)."""
-    x = image_BHWC.astype(pipe.first_stage.dtype)
-    out = pipe.first_stage.apply({"params": params["first_stage"]}, x, method="encode")
-    latents = out if pipe.spec.first_stage_kind == "vq" else out.mode()
+    first_stage = modules["first_stage"]
+    x = image_BHWC.astype(first_stage.dtype)
+    out = first_stage.apply({"params": params["first_stage"]}, x, method="encode")
+    latents = out if spec.first_stage_kind == "vq" else out.mode()
     return latents.astype(jnp.float32)
 
 
@@ -101,7 +104,7 @@ def nearest_downsample(mask_BHW1, h: int, w: int):
     return mask_BHW1[:, rows][:, :, cols]
 
 
-def concat_input(pipe, params, task: Task, inputs):
+def concat_input(spec, modules, params, task: Task, inputs):
     """The array concatenated to the latents along channels, or None."""
     h, w = inputs["noise"].shape[1:3]
     if task.concat == "low_res_image":
@@ -109,19 +112,23 @@ def concat_input(pipe, params, task: Task, inputs):
     if task.concat == "mask_and_masked_image":  # diffusers StableDiffusionInpaintPipeline
         mask = inputs["mask"]
         masked = inputs["image"] * (mask < 0.5)
-        latents = encode_image(pipe, params, masked) * pipe.spec.diffusion.scale_factor
+        latents = encode_image(spec, modules, params, masked) * spec.diffusion.scale_factor
         return jnp.concatenate([nearest_downsample(mask, h, w), latents], axis=-1)
     if task.concat == "masked_image_and_mask":  # CompVis scripts/inpaint.py
         mask = inputs["mask"]
         masked = (1 - mask) * (inputs["image"] / 2 + 0.5) * 2 - 1
-        latents = encode_image(pipe, params, masked)
+        latents = encode_image(spec, modules, params, masked)
         return jnp.concatenate([latents, nearest_downsample(mask * 2 - 1, h, w)], axis=-1)
     return None
 
 
-def conditioning(pipe, params, task: Task, inputs, guided: bool):
-    """(cond, uncond) pytrees for ``classifier_free_guidance``: {"context", "concat"} entries."""
-    cond, uncond = {}, ({} if guided else None)
+def conditioning(spec, modules, params, task: Task, inputs, guided: bool):
+    """(cond, uncond) UNetConditioning for ``classifier_free_guidance`` (uncond None unguided).
+
+    Guided, the null condition (negative prompt or null class) and the condition are encoded in
+    one batch [null; cond] and split.
+    """
+    context = uncontext = None
     if task.conditioning is not None:
         if task.conditioning == "text":
             key, null_key = "ids", "neg_ids"
@@ -133,48 +140,34 @@ def conditioning(pipe, params, task: Task, inputs, guided: bool):
             null = (
                 inputs[null_key]
                 if null_key
-                else unconditional_class_ids(pipe.spec.cond_stage.config, batch)
+                else unconditional_class_ids(spec.cond_stage.config, batch)
             )
             ids = jnp.concatenate([null, ids])
-        context = _encode_condition(pipe, params["cond_stage"], ids)
-        if guided:
-            uncond["context"], cond["context"] = context[:batch], context[batch:]
-        else:
-            cond["context"] = context
-    extra = concat_input(pipe, params, task, inputs)
-    if extra is not None:
-        cond["concat"] = extra
-        if guided:
-            uncond["concat"] = extra
+        encoded = encode_condition(
+            spec.cond_stage, modules["cond_stage"], params["cond_stage"], ids
+        )
+        context, uncontext = (encoded[batch:], encoded[:batch]) if guided else (encoded, None)
+    extra = concat_input(spec, modules, params, task, inputs)
+    key = spec.diffusion.conditioning_key
+    cond = unet_conditioning(key, encoded=context, concat=extra)
+    uncond = unet_conditioning(key, encoded=uncontext, concat=extra) if guided else None
     return cond, uncond
 
 
-def _encode_condition(pipe, params, ids):
-    out = pipe.cond_stage.apply({"params": params}, ids)
-    kind = pipe.spec.cond_stage.kind
-    return out if kind in ("ldm_bert", "class") else out.last_hidden_state
-
-
-def apply_unet(pipe, params, x_t, t_B, c):
-    """The UNet on [x_t, concat] with the cross-attention context of `c` (if any)."""
-    if "concat" in c:
-        x_t = jnp.concatenate([x_t, c["concat"].astype(x_t.dtype)], axis=-1)
-    return pipe.unet.apply({"params": params["unet"]}, x_t, t_B, c.get("context"))
-
-
-def initial_latents(pipe, params, inputs, schedule, t_first, from_image: bool):
+def initial_latents(spec, modules, params, inputs, schedule, t_first, from_image: bool):
     """x at the first visited timestep: the noise, or the encoded image noised to it (img2img)."""
     if not from_image:
         return inputs["noise"]
-    z0 = encode_image(pipe, params, inputs["image"]) * pipe.spec.diffusion.scale_factor
+    z0 = encode_image(spec, modules, params, inputs["image"]) * spec.diffusion.scale_factor
     t_B = jnp.full((z0.shape[0],), t_first, jnp.int32)
     return q_sample(schedule, z0, t_B, inputs["noise"])
 
 
-def decode(pipe, params, task: Task, inputs, x0):
+def decode(spec, modules, params, task: Task, inputs, x0):
     """Final latents -> float images in [0, 1] (LDM inpainting: kept pixels pasted back)."""
-    z = (x0 / pipe.spec.diffusion.scale_factor).astype(pipe.first_stage.dtype)
-    x = pipe.first_stage.apply({"params": params["first_stage"]}, z, method="decode")
+    first_stage = modules["first_stage"]
+    z = (x0 / spec.diffusion.scale_factor).astype(first_stage.dtype)
+    x = first_stage.apply({"params": params["first_stage"]}, z, method="decode")
     images = jnp.clip(x.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
     if task.concat == "masked_image_and_mask":
         mask = inputs["mask"]

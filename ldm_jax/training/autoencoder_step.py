@@ -27,6 +27,7 @@ from ldm_jax.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm_jax.models.layers import conv
 from ldm_jax.models.vq import VQConfig, VQModel
 from ldm_jax.training import autoencoder_loss as L
+from ldm_jax.training.bound_step import BoundStep
 from ldm_jax.training.discriminator import NLayerDiscriminator
 from ldm_jax.training.ema import ema_decay, update_ema
 from ldm_jax.training.lpips import LPIPS
@@ -118,7 +119,7 @@ def make_train_step(
     ema_max_decay: float | None = None,
     lpips: LPIPS | None = None,
 ) -> Callable:
-    """Pure train_step(state, batch, rng, lpips_params) -> (state, metrics).
+    """Pure train_step(state, lpips_params, batch, rng) -> (state, metrics).
 
     batch = {"image": f32 [B, H, W, 3] in [-1, 1]}; lpips_params None when perceptual_weight = 0.
     """
@@ -130,7 +131,7 @@ def make_train_step(
     dropout = model.config.dropout > 0
     capture = lambda mdl, method: method == "__call__" and mdl.path == _LAST_LAYER_INPUT  # noqa: E731
 
-    def train_step(state: AutoencoderTrainState, batch, rng, lpips_params):
+    def train_step(state: AutoencoderTrainState, lpips_params, batch, rng):
         x = batch["image"].astype(jnp.float32)
         step = state.step
         factor = L.disc_factor(cfg, step)
@@ -269,49 +270,25 @@ def make_train_step(
     return train_step
 
 
-class ShardedTrainStep:
-    """train_step jitted once with the state's shardings (state donated); called as
-    step(state, batch, rng) with the frozen LPIPS params bound (the loop's interface)."""
-
-    def __init__(self, train_step: Callable, state_shardings, mesh, lpips_params=None):
-        self.lpips_params = (
-            None if lpips_params is None else jax.device_put(lpips_params, replicated(mesh))
-        )
-        self._jitted = jax.jit(
-            train_step,
-            in_shardings=(state_shardings, batch_sharding(mesh), *[replicated(mesh)] * 2),
-            out_shardings=(state_shardings, replicated(mesh)),
-            donate_argnums=0,
-            compiler_options=compiler_options(),
-        )
-
-    @staticmethod
-    def _batch(batch) -> dict:
-        if "image" not in batch:
-            raise ValueError(f"an autoencoder batch needs 'image'; got keys {sorted(batch)}")
-        return {"image": batch["image"]}
-
-    def __call__(self, state, batch, rng):
-        return self._jitted(state, self._batch(batch), rng, self.lpips_params)
-
-    def lower(self, state, batch, rng) -> "_BoundLowered":
-        """AOT lowering; `.compile()` gives a (state, batch, rng) callable with cost_analysis."""
-        lowered = self._jitted.lower(state, self._batch(batch), rng, self.lpips_params)
-        return _BoundLowered(lowered, self.lpips_params)
+def _image_batch(batch) -> dict:
+    if "image" not in batch:
+        raise ValueError(f"an autoencoder batch needs 'image'; got keys {sorted(batch)}")
+    return {"image": batch["image"]}
 
 
-class _BoundLowered:
-    def __init__(self, lowered, lpips_params):
-        self.lowered, self.lpips_params = lowered, lpips_params
-
-    def compile(self) -> "_BoundCompiled":
-        return _BoundCompiled(self.lowered.compile(), self.lpips_params)
-
-
-class _BoundCompiled:
-    def __init__(self, compiled, lpips_params):
-        self.compiled, self.lpips_params = compiled, lpips_params
-        self.cost_analysis = compiled.cost_analysis
-
-    def __call__(self, state, batch, rng):
-        return self.compiled(state, ShardedTrainStep._batch(batch), rng, self.lpips_params)
+def sharded_train_step(
+    train_step: Callable, state_shardings, mesh, lpips_params=None
+) -> BoundStep:
+    """train_step jitted once with the state's shardings (state donated), called as
+    step(state, batch, rng) with the frozen LPIPS params bound (the loop's interface); only the
+    batch's "image" goes in."""
+    if lpips_params is not None:
+        lpips_params = jax.device_put(lpips_params, replicated(mesh))
+    jitted = jax.jit(
+        train_step,
+        in_shardings=(state_shardings, replicated(mesh), batch_sharding(mesh), replicated(mesh)),
+        out_shardings=(state_shardings, replicated(mesh)),
+        donate_argnums=0,
+        compiler_options=compiler_options(),
+    )
+    return BoundStep(jitted, lpips_params, _image_batch)

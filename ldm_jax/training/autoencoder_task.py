@@ -27,12 +27,12 @@ from ldm_jax.training import autoencoder_step as S
 from ldm_jax.training.autoencoder_loss import AutoencoderLossConfig
 from ldm_jax.training.base_config import base_config, train_config
 from ldm_jax.training.discriminator import NLayerDiscriminator
-from ldm_jax.training.ldm_task import GlobalBatches, _local_copy, resolve_model
+from ldm_jax.training.ldm_task import GlobalBatches, resolve_model
 from ldm_jax.training.lpips import LPIPS
 from ldm_jax.training.lpips_weights import load_lpips_params
 from ldm_jax.training.optimizer import make_optimizer
-from ldm_jax.training.sharding import batch_sharding, data_parallel_size
-from ldm_jax.training.tasks import mesh_rules_and_batch
+from ldm_jax.training.setup import mesh_rules_and_batch
+from ldm_jax.training.sharding import batch_sharding, data_parallel_size, gather_to_host
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -130,7 +130,7 @@ class AutoencoderTask:
         state, shardings = S.create_state(self._init_fn, self.mesh, self.rules, rng,
                                            self.init_params)
         self.init_params = None  # on the devices now
-        self.train_step = S.ShardedTrainStep(self._pure, shardings, self.mesh, self.lpips_params)
+        self.train_step = S.sharded_train_step(self._pure, shardings, self.mesh, self.lpips_params)
         return state
 
     def make_iterator(self) -> GlobalBatches:
@@ -145,7 +145,7 @@ class AutoencoderTask:
 
     def trained_params(self, state):
         """The autoencoder's EMA weights when kept, else its weights (host numpy)."""
-        return _local_copy(state.ema_params if state.ema_params is not None
+        return gather_to_host(state.ema_params if state.ema_params is not None
                            else state.params["autoencoder"])
 
     def first_stage_checkpoint(self, state) -> LatentDiffusionCheckpoint:

@@ -17,7 +17,6 @@ config.model.spec.first_stage is stage 1's architecture.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -26,21 +25,16 @@ import jax
 import ml_collections
 import numpy as np
 
-from ldm_jax.checkpoints import LatentDiffusionCheckpoint
-from ldm_jax.spec import (
-    ModelSpec,
-    spec_from_dict,
-    spec_to_dict,
-)
+from ldm_jax.images import make_grid, write_png
+from ldm_jax.spec import ModelSpec, spec_from_dict, spec_to_dict
 from ldm_jax.training import loop
 from ldm_jax.training.autoencoder_task import AutoencoderTask
-from ldm_jax.training.checkpointing import Checkpointer
-from ldm_jax.training.ldm_task import LDMTask, _local_copy, make_grid
+from ldm_jax.training.ldm_task import LDMTask
 
 AUTOENCODER_DIR, FIRST_STAGE_DIR, LDM_DIR = "autoencoder", "first_stage", "ldm"
 MODEL_DIR, GRID_NAME = "model", "samples.png"
 DEFAULT_WORKDIR = "runs/default"
-# what `python sample.py --prompt ...` prints when it finds no model (see sampling_cli.py)
+# what `python sample.py --prompt ...` prints when it finds no model (see ldm_jax/cli/sample.py)
 SAMPLE_PROMPT = "a green triangle left of a yellow circle"
 
 
@@ -70,76 +64,9 @@ def stage_configs(config) -> tuple[ml_collections.ConfigDict, ml_collections.Con
     return first, second
 
 
-class KeepsFinalState:
-    """A loop task wrapper that keeps the state its last train step returned (`loop.run` returns
-    none), so exporting needs no second state init or checkpoint read. `final_state(directory)`
-    falls back to the newest checkpoint when no step ran (a rerun of a finished stage)."""
-
-    def __init__(self, task):
-        self.task = task
-        self.global_batch_size = task.global_batch_size
-        self._state = self._template = None
-
-    def init_state(self, rng):
-        self._template = self.task.init_state(rng)
-        return self._template
-
-    def make_iterator(self):
-        return self.task.make_iterator()
-
-    def __getattr__(self, name):  # the rest of the task interface (e.g. sample) as is
-        return getattr(self.task, name)
-
-    @property
-    def train_step(self):
-        return _Recording(self.task.train_step, self)
-
-    def final_state(self, directory: Path):
-        if self._state is not None:
-            return self._state
-        return restore_final(directory, self._template)
-
-
-class _Recording:
-    """train_step (and its AOT-compiled form) that hands each new state to `owner`."""
-
-    def __init__(self, step, owner):
-        self.step, self.owner = step, owner
-        if hasattr(step, "lower"):
-            self.lower = lambda *args: _RecordingLowered(step.lower(*args), owner)
-
-    def __call__(self, state, batch, rng):
-        state, metrics = self.step(state, batch, rng)
-        self.owner._state = state
-        return state, metrics
-
-
-class _RecordingLowered:
-    def __init__(self, lowered, owner):
-        self.lowered, self.owner = lowered, owner
-
-    def compile(self):
-        compiled = self.lowered.compile()
-        recording = _Recording(compiled, self.owner)
-        recording.cost_analysis = compiled.cost_analysis
-        return recording
-
-
-def restore_final(directory: Path, template):
-    """The newest checkpoint's state in `directory` (the loop's checkpoints/ folder)."""
-    checkpointer = Checkpointer(directory, async_save=False)
-    try:
-        restored = checkpointer.restore_latest(template)
-    finally:
-        checkpointer.close()
-    if restored is None:
-        raise FileNotFoundError(f"no checkpoint in {directory}")
-    return restored[1]
-
-
 class DefaultRun:
-    """`run(workdir)` trains both stages and writes the model; train.py calls it for
-    config.trainer = "default" instead of `loop.run`."""
+    """`run(workdir)` trains both stages and writes the model; the train CLI
+    (ldm_jax/cli/train.py) calls it for config.trainer = "default" instead of `loop.run`."""
 
     def __init__(self, config):
         self.config = config
@@ -157,23 +84,22 @@ class DefaultRun:
         first_steps, ldm_steps = (int(c.train.num_steps) for c in (self.first_config,
                                                                      self.ldm_config))
         say(f"stage 1/2: autoencoder, {first_steps} steps -> {workdir / AUTOENCODER_DIR}")
-        first_task = KeepsFinalState(AutoencoderTask(self.first_config))
-        result = loop.run(self.first_config, workdir / AUTOENCODER_DIR, first_task, stream=stream)
-        if result.preempted:
-            return result
-        first_stage = self._export_first_stage(first_task, workdir / FIRST_STAGE_DIR)
+        first_task = AutoencoderTask(self.first_config)
+        first = loop.run(self.first_config, workdir / AUTOENCODER_DIR, first_task, stream=stream)
+        if first.preempted:
+            return first
+        first_stage = self._export_first_stage(first_task, first.state, workdir / FIRST_STAGE_DIR)
+        del first  # stage 1's state (optimizer, discriminator) leaves the devices
         say(f"stage 1 done ({time.perf_counter() - start:.0f} s): first stage "
             f"{workdir / FIRST_STAGE_DIR}")
 
         say(f"stage 2/2: text-to-image LDM, {ldm_steps} steps -> {workdir / LDM_DIR}")
         task = LDMTask(self.ldm_config)
         task.init_params = {"first_stage": first_stage}
-        kept = KeepsFinalState(task)
-        result = loop.run(self.ldm_config, workdir / LDM_DIR, kept, stream=stream)
+        result = loop.run(self.ldm_config, workdir / LDM_DIR, task, stream=stream)
         if result.preempted:
             return result
-        model = self._export_model(task, kept.final_state(task_dir(workdir, LDM_DIR)),
-                                   workdir / MODEL_DIR)
+        model = self._export_model(task, result.state, workdir / MODEL_DIR)
         grid, report = self._sample_grid(model, workdir / GRID_NAME)
         say(f"stage 2 done ({time.perf_counter() - start:.0f} s in all): model {model}, "
             f"samples {grid}")
@@ -182,30 +108,21 @@ class DefaultRun:
         say(next_steps(workdir, float(self.config.sample.guidance)))
         return result
 
-    def _export_first_stage(self, task: KeepsFinalState, path: Path) -> dict:
+    @staticmethod
+    def _export_first_stage(task: AutoencoderTask, state, path: Path) -> dict:
         """Stage 1's final autoencoder params, also saved as a first-stage-only checkpoint."""
-        state = task.final_state(task_dir(path.parent, AUTOENCODER_DIR))
-        checkpoint = task.task.first_stage_checkpoint(state)
+        checkpoint = task.first_stage_checkpoint(state)
         if jax.process_index() == 0:
             checkpoint.save_pretrained(path, format="orbax", overwrite=True)
         return checkpoint.params["first_stage"]
 
-    def _export_model(self, task: LDMTask, state, path: Path) -> Path:
+    @staticmethod
+    def _export_model(task: LDMTask, state, path: Path) -> Path:
         """The final LatentDiffusionCheckpoint: frozen first stage + EMA of the trained networks,
         with the scale_factor the run measured."""
-        from ldm_jax.training.ldm_step import trainable_names  # noqa: PLC0415
-
-        trained = trainable_names(task.spec, task.cfg)
-        ema = _local_copy(state.ema_params)
-        params = {**_local_copy(task.frozen), **{k: v for k, v in ema.items() if k in trained}}
-        scale = float(np.asarray(jax.device_get(state.scale_factor)))
-        spec = dataclasses.replace(
-            task.spec, diffusion=dataclasses.replace(task.spec.diffusion, scale_factor=scale)
-        )
+        checkpoint = task.ema_checkpoint(state)
         if jax.process_index() == 0:
-            LatentDiffusionCheckpoint(spec, params, task.tokenizer).save_pretrained(
-                path, format="orbax", overwrite=True
-            )
+            checkpoint.save_pretrained(path, format="orbax", overwrite=True)
         return path
 
     def _sample_grid(self, model: Path, path: Path):
@@ -235,20 +152,6 @@ def _adherence(images, prompts):
         return adherence.score(images, prompts)
     except ValueError:  # not shapes captions (a custom config.sample.prompts)
         return None
-
-
-def write_png(image_HWC: np.ndarray, path: Path) -> Path:
-    """Atomically: a temporary file next to `path`, then renamed."""
-    from PIL import Image  # noqa: PLC0415
-
-    temporary = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(np.asarray(image_HWC, np.uint8)).save(temporary, format="PNG")
-    temporary.replace(path)
-    return path
-
-
-def task_dir(workdir: Path, stage: str) -> Path:
-    return Path(workdir) / stage / "checkpoints"
 
 
 def next_steps(workdir: Path, guidance: float) -> str:

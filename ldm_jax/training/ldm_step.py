@@ -25,7 +25,12 @@ import numpy as np
 import optax
 
 from ldm_jax.compile_options import compiler_options
-from ldm_jax.diffusion.schedules import make_schedule
+from ldm_jax.latent_diffusion import (
+    apply_unet,
+    encode_condition,
+    schedule_from_spec,
+    unet_conditioning,
+)
 from ldm_jax.models.conditioning import drop_class_labels
 from ldm_jax.models.distributions import DiagonalGaussian
 from ldm_jax.models.factory import network_modules
@@ -237,8 +242,7 @@ def make_ldm_train_step(
     cond = spec.cond_stage
     key = spec.diffusion.conditioning_key
     prediction_type = cfg.prediction_type or spec.diffusion.prediction_type
-    d = spec.diffusion
-    noise_schedule = make_schedule(d.beta_schedule, d.num_timesteps, d.linear_start, d.linear_end)
+    noise_schedule = schedule_from_spec(spec.diffusion)
     k = cfg.grad_accum_steps
     if cfg.cond_drop_prob > 0 and cond is not None and cond.takes_text:
         if null_tokens is None:
@@ -259,28 +263,26 @@ def make_ldm_train_step(
         return jax.lax.stop_gradient(z.astype(jnp.float32))
 
     def conditioning(cond_params, batch, rng):
-        """(context, y, concat) inputs of the UNet for this conditioning key."""
-        context = y = concat = None
+        """The UNet's conditioning for this conditioning key, with conditioning dropout."""
+        concat = encoded = None
         if key in ("concat", "hybrid"):
             concat = _require(batch, "concat")
             if cond is not None and cond.kind == "spatial_rescaler" and cond_module is not None:
-                concat = cond_module.apply({"params": cond_params}, concat)
+                concat = encode_condition(cond, cond_module, cond_params, concat)
         encodes = cond is not None and cond.kind != "spatial_rescaler"
         if key in ("crossattn", "hybrid", "adm") and encodes:
             if cond.takes_text:
                 tokens = _require(batch, "tokens")
                 if cfg.cond_drop_prob > 0:
                     tokens = drop_tokens(tokens, null_tokens, cfg.cond_drop_prob, rng)
-                out = cond_module.apply({"params": cond_params}, tokens)
-                context = out if cond.kind == "ldm_bert" else out.last_hidden_state
+                encoded = encode_condition(cond, cond_module, cond_params, tokens)
             else:  # class embedder
                 labels = _require(batch, "class_label")
                 if cfg.cond_drop_prob > 0:
                     labels = drop_class_labels(cond.config, labels, cfg.cond_drop_prob, rng)
-                context = cond_module.apply({"params": cond_params}, labels)
-        if key == "adm":
-            y, context = (context if context is not None else _require(batch, "class_label")), None
-        return context, y, concat
+                encoded = encode_condition(cond, cond_module, cond_params, labels)
+        labels = _require(batch, "class_label") if key == "adm" and encoded is None else None
+        return unet_conditioning(key, encoded=encoded, concat=concat, labels=labels)
 
     def train_step(state: TrainState, frozen, batch, rng):
         rng = jax.random.fold_in(rng, state.step)
@@ -295,21 +297,18 @@ def make_ldm_train_step(
 
         def loss_fn(params):
             cond_params = (params if "cond_stage" in trained else frozen).get("cond_stage")
-            context, y, concat = conditioning(cond_params, batch, drop_rng)
-            if "cond_stage" not in trained and context is not None:
-                context = jax.lax.stop_gradient(context)
+            c = conditioning(cond_params, batch, drop_rng)
+            if "cond_stage" not in trained and c.context is not None:
+                c = c._replace(context=jax.lax.stop_gradient(c.context))
 
-            def apply_unet(x_t, t_B):
-                x_in = (
-                    x_t if concat is None else jnp.concatenate([x_t, concat.astype(x_t.dtype)], 3)
-                )
-                return unet.apply(
-                    {"params": params["unet"]}, x_in, t_B, context, y,
+            def apply_fn(x_t, t_B):
+                return apply_unet(
+                    unet, params["unet"], x_t, t_B, c,
                     deterministic=False, rngs={"dropout": dropout_rng},
                 )  # fmt: skip
 
             return diffusion_loss(
-                apply_unet, noise_schedule, z0, loss_rng, prediction_type, cfg.min_snr_gamma
+                apply_fn, noise_schedule, z0, loss_rng, prediction_type, cfg.min_snr_gamma
             )
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)

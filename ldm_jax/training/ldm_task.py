@@ -15,14 +15,15 @@ config.sample: num_images, prompts (text), class_labels (class), steps, sampler,
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import numpy as np
 
 from ldm_jax.checkpoints import LatentDiffusionCheckpoint, load_checkpoint
 from ldm_jax.checkpoints.tokenizer import tokenizer_for_spec
+from ldm_jax.images import make_grid
 from ldm_jax.spec import spec_from_dict
+from ldm_jax.training.bound_step import BoundStep
 from ldm_jax.training.ldm_step import (
     LDMTrainConfig,
     init_ldm_state,
@@ -30,8 +31,13 @@ from ldm_jax.training.ldm_step import (
     trainable_names,
 )
 from ldm_jax.training.optimizer import make_optimizer
-from ldm_jax.training.sharding import batch_sharding, data_parallel_size, replicated
-from ldm_jax.training.tasks import mesh_rules_and_batch
+from ldm_jax.training.setup import mesh_rules_and_batch
+from ldm_jax.training.sharding import (
+    batch_sharding,
+    data_parallel_size,
+    gather_to_host,
+    replicated,
+)
 
 
 def _plain(value):
@@ -54,8 +60,6 @@ def resolve_model(model_cfg):
                          "(spec_to_dict of a ModelSpec, to train from scratch)")
     spec = spec_from_dict(spec_data)
     if prediction_type:
-        import dataclasses  # noqa: PLC0415
-
         spec = dataclasses.replace(
             spec, diffusion=dataclasses.replace(spec.diffusion, prediction_type=prediction_type)
         )
@@ -104,49 +108,6 @@ class GlobalBatches:
             self.local_batches.close()
 
 
-class _BoundStep:
-    """train_step(state, batch, rng) over the jitted (state, frozen, batch, rng) step: the frozen
-    networks stay a sharded argument (never a baked-in constant)."""
-
-    def __init__(self, jitted, frozen):
-        self.jitted, self.frozen = jitted, frozen
-
-    def __call__(self, state, batch, rng):
-        return self.jitted(state, self.frozen, batch, rng)
-
-    def lower(self, state, batch, rng):
-        return _BoundLowered(self.jitted.lower(state, self.frozen, batch, rng), self.frozen)
-
-
-class _BoundLowered:
-    def __init__(self, lowered, frozen):
-        self.lowered, self.frozen = lowered, frozen
-
-    def compile(self):
-        compiled = self.lowered.compile()
-        bound = _BoundStep(compiled, self.frozen)
-        bound.cost_analysis = compiled.cost_analysis
-        return bound
-
-
-def make_grid(images_BHWC: np.ndarray) -> np.ndarray:
-    """uint8 [B, H, W, 3] tiled into a near-square [rows*H, cols*W, 3] grid."""
-    b, h, w, c = images_BHWC.shape
-    cols = math.ceil(math.sqrt(b))
-    rows = math.ceil(b / cols)
-    grid = np.zeros((rows * h, cols * w, c), np.uint8)
-    for k, image in enumerate(images_BHWC):
-        grid[(k // cols) * h:(k // cols + 1) * h, (k % cols) * w:(k % cols + 1) * w] = image
-    return grid
-
-
-def _local_copy(tree):
-    """A fully replicated copy of a (possibly multi-host sharded) tree on one local device."""
-    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("all",))
-    full = jax.jit(lambda t: t, out_shardings=replicated(mesh))(tree)
-    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), full)
-
-
 class LDMTask:
     def __init__(self, config):
         self.config = config
@@ -171,7 +132,7 @@ class LDMTask:
         state, self.frozen = init_ldm_state(self.spec, self.cfg, self.optimizer, self.mesh,
                                             self.rules, rng, self.init_params)
         self.init_params = None  # now on the devices; free the host copy
-        self.train_step = _BoundStep(self._jitted, self.frozen)
+        self.train_step = BoundStep(self._jitted, self.frozen)
         return state
 
     def make_iterator(self) -> GlobalBatches:
@@ -183,6 +144,19 @@ class LDMTask:
         )
         return GlobalBatches(local, batch_sharding(self.mesh))
 
+    def ema_checkpoint(self, state) -> LatentDiffusionCheckpoint:
+        """The model as trained so far (host numpy): the frozen networks, the EMA of the trained
+        ones, and the scale_factor the run uses (scale_by_std measures it on the first batch, so
+        it lives in the state, not in the spec)."""
+        trained = trainable_names(self.spec, self.cfg)
+        frozen, ema = gather_to_host(self.frozen), gather_to_host(state.ema_params)
+        params = {**frozen, **{k: v for k, v in ema.items() if k in trained}}
+        scale = float(np.asarray(jax.device_get(state.scale_factor)))
+        spec = dataclasses.replace(
+            self.spec, diffusion=dataclasses.replace(self.spec.diffusion, scale_factor=scale)
+        )
+        return LatentDiffusionCheckpoint(spec, params, self.tokenizer)
+
     def sample(self, state, rng):
         """A grid sampled with the EMA weights (config.sample), or None when num_images is 0."""
         sample_cfg = self.config.get("sample", None)
@@ -190,21 +164,13 @@ class LDMTask:
             return None
         from ldm_jax.sampling.pipeline import LatentDiffusionPipeline  # noqa: PLC0415
 
-        trained = trainable_names(self.spec, self.cfg)
-        params = {**_local_copy(self.frozen),
-                  **{k: v for k, v in _local_copy(state.ema_params).items() if k in trained}}
-        # decode with the scale the run uses: scale_by_std measures it on the first batch, so it
-        # lives in the state, not in the spec
-        scale = float(np.asarray(jax.device_get(state.scale_factor)))
+        checkpoint = self.ema_checkpoint(state)
+        scale = checkpoint.spec.diffusion.scale_factor
         if self._pipeline is None or self._pipeline.spec.diffusion.scale_factor != scale:
-            spec = dataclasses.replace(
-                self.spec, diffusion=dataclasses.replace(self.spec.diffusion, scale_factor=scale)
-            )
-            self._pipeline = LatentDiffusionPipeline(
-                LatentDiffusionCheckpoint(spec, params, self.tokenizer)
-            )
+            self._pipeline = LatentDiffusionPipeline(checkpoint)
         else:
-            self._pipeline.params = jax.device_put(params, replicated(self._pipeline.mesh))
+            self._pipeline.params = jax.device_put(checkpoint.params,
+                                                   replicated(self._pipeline.mesh))
         n = int(sample_cfg.num_images)
         kwargs = {}
         if self.text:

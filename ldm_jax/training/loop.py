@@ -1,11 +1,13 @@
-"""The generic training loop: `run(config, workdir, task)` for every trainer.
+"""The generic training loop: `run(config, workdir, task) -> RunResult` (with the final state)
+for every trainer.
 
 A task owns the model side; the loop owns everything around it:
 
     task.global_batch_size          int, for samples/s
     task.init_state(rng)            the sharded step-0 state
     task.train_step                 jitted (state, batch, rng) -> (state, metrics), state donated;
-                                    metrics holds scalar "loss" (and e.g. grad_norm, learning_rate)
+                                    metrics holds scalar "loss" (and e.g. grad_norm, learning_rate);
+                                    a jitted step or a bound_step.BoundStep (AOT-compiled once)
     task.make_iterator()            global batches; get_state() / set_state(s) with JSON-able s
     task.sample(state, rng)         optional: a uint8 [H, W, 3] grid (EMA params) or None
 
@@ -25,6 +27,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -46,6 +49,9 @@ class RunResult:
     step: int  # steps completed (= the last checkpoint's step unless the run stopped on NaN)
     preempted: bool
     metrics: dict
+    # the state after the last step (on the devices, sharded); a rerun of a finished run takes no
+    # step and returns its last checkpoint's state
+    state: Any = None
 
 
 class _StopSignal:
@@ -230,7 +236,7 @@ def run(config, workdir, task, *, stream=None) -> RunResult:
                     break
             resolve()
         checkpointer.wait()
-        return RunResult(step=step, preempted=preempted, metrics=last)
+        return RunResult(step=step, preempted=preempted, metrics=last, state=state)
     finally:
         bar.close()
         checkpointer.close()

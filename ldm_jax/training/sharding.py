@@ -56,6 +56,14 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def gather_to_host(tree):
+    """A (possibly multi-host sharded) tree as numpy arrays on this host, each fully assembled:
+    what exports and sample grids read. Every process must call it (it is a collective)."""
+    mesh = Mesh(np.array(jax.devices()), ("all",))
+    full = jax.jit(lambda t: t, out_shardings=replicated(mesh))(tree)
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), full)
+
+
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:
     """The data-parallel mesh axes ("data", "fsdp" where present) the batch is split over."""
     return tuple(a for a in BATCH_AXES if a in mesh.axis_names)

@@ -8,9 +8,7 @@ weights); the linear heads are the package's published v0.1 vgg.pth.
 import sys
 import types
 
-import pytest
-
-torch = pytest.importorskip("torch")
+import torch
 
 _VGG16_STACK = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
 
@@ -40,7 +38,8 @@ def reference_lpips(seed: int = 0):
     sys.modules["torchvision"] = fake
     try:
         _forget_lpips()  # re-import, so lpips binds this call's stand-in
-        lpips = pytest.importorskip("lpips")
+        import lpips
+
         model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False).eval()
     finally:
         _forget_lpips()

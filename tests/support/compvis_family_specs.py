@@ -1,66 +1,45 @@
 """Tiny members of each checkpoint family as CompVis files hold them (for the loading tests)."""
 
+import dataclasses
+
 import numpy as np
 
 from ldm_jax.checkpoints.compvis.checkpoint_table import compvis_checkpoint_table, ema_key
-from ldm_jax.models.autoencoder import AutoencoderConfig
-from ldm_jax.models.clip_text import CLIPTextConfig
 from ldm_jax.models.conditioning import ClassEmbedderConfig
-from ldm_jax.models.unet import UNetConfig
-from ldm_jax.models.vq import VQConfig
+from ldm_jax.presets.tiny import TINY_CLIP_TEXT, TINY_UNET, TINY_VAE
 from ldm_jax.spec import CondStageSpec, DiffusionSpec, ModelSpec
+from support.tiny_specs import TINY_VQ, UNCONDITIONAL_VQ
 
 # Tiny members of each family, obeying the family rules detection relies on (SD 1.x: 8 UNet
 # heads; SD 2.x: 64-channel heads; text towers: 64-wide heads; first stages at resolution 256).
-VAE = AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, embed_dim=4)
+VAE = dataclasses.replace(TINY_VAE, resolution=256)
 SD1 = ModelSpec(
     first_stage=VAE,
-    unet=UNetConfig(
-        model_channels=32,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        attention_resolutions=(1,),
-        num_heads=8,
-        legacy=False,
-        use_spatial_transformer=True,
-        context_dim=64,
-    ),
-    cond_stage=CondStageSpec(
-        "clip", CLIPTextConfig(width=64, num_layers=2, num_heads=1, mlp_dim=128)
-    ),
+    unet=dataclasses.replace(TINY_UNET, attention_resolutions=(1,), num_heads=8),
+    cond_stage=CondStageSpec("clip", TINY_CLIP_TEXT),
 )
 SD2 = ModelSpec(
     first_stage=VAE,
-    unet=UNetConfig(
+    unet=dataclasses.replace(
+        TINY_UNET,
         model_channels=64,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
         attention_resolutions=(2, 1),
+        num_heads=-1,
         num_head_channels=64,
-        legacy=False,
-        use_spatial_transformer=True,
         use_linear_in_transformer=True,
-        context_dim=64,
     ),
     cond_stage=CondStageSpec(
         "openclip",
-        CLIPTextConfig(
-            width=64, num_layers=3, num_heads=1, mlp_dim=128, activation="gelu", skip_last_layers=1
-        ),
+        dataclasses.replace(TINY_CLIP_TEXT, num_layers=3, activation="gelu", skip_last_layers=1),
     ),
 )
 CLASS_LDM = ModelSpec(
-    first_stage=VQConfig(
-        ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=3, embed_dim=3, n_embed=16
-    ),
-    unet=UNetConfig(
-        in_channels=3,
-        out_channels=3,
-        model_channels=32,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
+    first_stage=dataclasses.replace(TINY_VQ, resolution=256),
+    unet=dataclasses.replace(
+        UNCONDITIONAL_VQ.unet,
         attention_resolutions=(2, 1),
         num_heads=1,
+        num_head_channels=-1,
         use_spatial_transformer=True,
         context_dim=16,
     ),

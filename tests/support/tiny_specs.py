@@ -1,5 +1,7 @@
 """Tiny ModelSpecs (SD1-like, SD2-like, unconditional VQ) shared by the checkpoint IO tests."""
 
+import dataclasses
+
 import jax
 import numpy as np
 
@@ -10,6 +12,15 @@ from ldm_jax.presets.tiny import TINY_CLIP_TEXT, TINY_UNET, TINY_VAE
 from ldm_jax.spec import CondStageSpec, DiffusionSpec, ModelSpec
 
 TINY_CLIP = TINY_CLIP_TEXT
+# The UNet parity tests' base: a third level without attention and fewer output than input
+# channels, so level and channel mix-ups in a key table show.
+PARITY_UNET = dataclasses.replace(
+    TINY_UNET,
+    out_channels=3,
+    channel_mult=(1, 2, 2),
+    use_spatial_transformer=False,
+    context_dim=None,
+)
 SD1_LIKE = ModelSpec(
     first_stage=TINY_VAE, unet=TINY_UNET, cond_stage=CondStageSpec("clip", TINY_CLIP)
 )

@@ -23,6 +23,11 @@ from ldm_jax.checkpoints.diffusers.autoencoder import (
     diffusers_config,
     vq_model_table,
 )
+from ldm_jax.checkpoints.diffusers.scheduler import (
+    SCHEDULER_CONFIG,
+    SCHEDULER_FOLDER,
+    scheduler_config,
+)
 from ldm_jax.checkpoints.diffusers.unet import diffusers_unet_config, diffusers_unet_table
 from ldm_jax.checkpoints.errors import UnsupportedExportError
 from ldm_jax.checkpoints.transformers_clip import TEXT_MODEL_PREFIX, clip_text_key_table
@@ -34,13 +39,13 @@ DIFFUSERS_FORMAT_VERSION = "0.30.0"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
-
 def save_diffusers(
     checkpoint: CheckpointContents, destination: str | os.PathLike, *, overwrite=False
 ) -> Path:
     """Write a diffusers pipeline folder at `destination` (atomically)."""
     spec, params = checkpoint.spec, checkpoint.params
     pipeline = _pipeline_class(spec)
+    scheduler = scheduler_config(spec.diffusion, DIFFUSERS_FORMAT_VERSION)  # refuses before writing
     with atomic_output(destination, overwrite=overwrite) as folder:
         folder.mkdir()
         unet_class, unet_kwargs = diffusers_unet_config(spec.unet)
@@ -71,7 +76,7 @@ def save_diffusers(
                 "feature_extractor": [None, None],
                 "image_encoder": [None, None],
             }
-        _write_json(folder / "scheduler" / "scheduler_config.json", _scheduler_config(spec))
+        _write_json(folder / SCHEDULER_FOLDER / SCHEDULER_CONFIG, scheduler)
         index = {"_class_name": pipeline, "_diffusers_version": DIFFUSERS_FORMAT_VERSION}
         if pipeline in _SD_PIPELINES:
             index["requires_safety_checker"] = False
@@ -170,23 +175,6 @@ def _tokenizer_for(checkpoint: CheckpointContents):
     from ldm_jax.tokenizers.clip import CLIPTokenizer  # noqa: PLC0415
 
     return CLIPTokenizer.for_cond_stage(checkpoint.spec.cond_stage.kind)
-
-
-def _scheduler_config(spec: ModelSpec) -> dict[str, Any]:
-    d = spec.diffusion
-    return {
-        "_class_name": "DDIMScheduler",
-        "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
-        "num_train_timesteps": d.num_timesteps,
-        "beta_start": d.linear_start,
-        "beta_end": d.linear_end,
-        "beta_schedule": "squaredcos_cap_v2" if d.beta_schedule == "cosine" else d.beta_schedule,
-        "prediction_type": d.prediction_type,
-        "clip_sample": False,
-        "set_alpha_to_one": False,
-        "steps_offset": 1,
-        "timestep_spacing": "leading",
-    }
 
 
 def _write_model(folder: Path, class_name: str, kwargs: dict, tensors: dict) -> None:

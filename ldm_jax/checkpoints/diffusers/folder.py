@@ -19,6 +19,11 @@ from ldm_jax.checkpoints.diffusers.autoencoder import (
     vq_model_table,
 )
 from ldm_jax.checkpoints.diffusers.ldm_bert import ldm_bert_key_table
+from ldm_jax.checkpoints.diffusers.scheduler import (
+    SCHEDULER_CONFIG,
+    SCHEDULER_FOLDER,
+    diffusion_from_scheduler,
+)
 from ldm_jax.checkpoints.diffusers.unet import diffusers_unet_table
 from ldm_jax.checkpoints.diffusers.unet_config import unet_config_from_diffusers
 from ldm_jax.checkpoints.errors import ArchitectureError, CheckpointFileError
@@ -28,7 +33,7 @@ from ldm_jax.models.clip_text import CLIPTextConfig
 from ldm_jax.models.factory import abstract_checkpoint_params
 from ldm_jax.models.ldm_bert import LDMBertConfig
 from ldm_jax.models.vq import VQConfig
-from ldm_jax.spec import CondStageSpec, DiffusionSpec, ModelSpec
+from ldm_jax.spec import CondStageSpec, ModelSpec
 
 MODEL_INDEX = "model_index.json"
 FIRST_STAGE_FOLDERS = ("vae", "vqvae")
@@ -41,9 +46,6 @@ WEIGHT_FILES = (
 )
 # Pipelines that feed the first stage's latents to the UNet unscaled (LDM zoo ports).
 UNSCALED_PIPELINES = ("LDMPipeline", "LDMSuperResolutionPipeline")
-# diffusers scheduler beta_schedule -> ours (CompVis "linear" is diffusers "scaled_linear").
-_BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear"}
-_BETA_SCHEDULES["squaredcos_cap_v2"] = "cosine"
 _TEXT_ACTIVATIONS = {"quick_gelu": "clip", "gelu": "openclip"}  # OpenAI CLIP vs OpenCLIP
 
 
@@ -139,31 +141,6 @@ def ldm_bert_config_from_diffusers(config: Mapping[str, Any], logits_head: bool)
     )
 
 
-def diffusion_from_scheduler(config: Mapping[str, Any], **kwargs) -> DiffusionSpec:
-    """DiffusionSpec from a diffusers scheduler config (+ scale_factor, conditioning_key,
-    latent_size)."""
-    if config.get("trained_betas") is not None:
-        raise ArchitectureError("schedulers with trained_betas are not supported")
-    schedule = config.get("beta_schedule", "linear")
-    if schedule not in _BETA_SCHEDULES:
-        raise ArchitectureError(
-            f"scheduler beta_schedule {schedule!r}: allowed {list(_BETA_SCHEDULES)}"
-        )
-    prediction = config.get("prediction_type", "epsilon")
-    if prediction not in ("epsilon", "v_prediction"):
-        raise ArchitectureError(
-            f"scheduler prediction_type {prediction!r}: allowed 'epsilon', 'v_prediction'"
-        )
-    return DiffusionSpec(
-        num_timesteps=config.get("num_train_timesteps", 1000),
-        beta_schedule=_BETA_SCHEDULES[schedule],
-        linear_start=config.get("beta_start", 0.0001),
-        linear_end=config.get("beta_end", 0.02),
-        prediction_type=prediction,
-        **kwargs,
-    )
-
-
 def load_diffusers_folder(folder: str | Path, *, dtype=None) -> tuple[ModelSpec, dict, Path]:
     """(spec, params {"unet", "first_stage", "cond_stage"}, tokenizer folder or None)."""
     folder = Path(folder)
@@ -200,17 +177,20 @@ def load_diffusers_folder(folder: str | Path, *, dtype=None) -> tuple[ModelSpec,
             concat = "low_res_image"
     unscaled = index.get("_class_name") in UNSCALED_PIPELINES
     scale = 1.0 if unscaled else fs_config.get("scaling_factor", 0.18215)
-    if not (folder / "scheduler").is_dir():
+    if not (folder / SCHEDULER_FOLDER).is_dir():
         raise CheckpointFileError(f"{folder} has no scheduler/ folder (the noise schedule)")
-    scheduler = read_json(folder / "scheduler" / "scheduler_config.json")
+    scheduler_file = folder / SCHEDULER_FOLDER / SCHEDULER_CONFIG
     size = unet_json.get("sample_size") or 64
-    diffusion = diffusion_from_scheduler(
-        scheduler,
-        scale_factor=scale,
-        conditioning_key=key,
-        concat_input=concat,
-        latent_size=size[0] if isinstance(size, list | tuple) else size,
-    )
+    try:  # the schedule and the timestep settings (spacing, offset, final alpha)
+        diffusion = diffusion_from_scheduler(
+            read_json(scheduler_file),
+            scale_factor=scale,
+            conditioning_key=key,
+            concat_input=concat,
+            latent_size=size[0] if isinstance(size, list | tuple) else size,
+        )
+    except ArchitectureError as error:
+        raise ArchitectureError(f"{scheduler_file}: {error}") from None
     spec = ModelSpec(first_stage=first_stage, unet=unet, cond_stage=cond, diffusion=diffusion)
 
     abstract = abstract_checkpoint_params(spec)

@@ -1,15 +1,20 @@
-"""A tiny linear-regression run that exercises the whole training loop in seconds on CPU.
+"""Test scaffolding: a tiny linear-regression run (support/toy_task.py) that exercises the whole
+training loop in seconds on CPU.
 
-    python train.py --config configs/toy_regression.py --workdir runs/toy \
-        [--config.train.num_steps=200] [--config.optimizer.learning_rate=3e-2]
+    python tests/support/train_toy.py --config tests/support/toy_regression_config.py \
+        --workdir runs/toy [--config.train.num_steps=200] [--config.optimizer.learning_rate=3e-2]
 
 Used by the loop's tests (resume, SIGTERM, NaN, multi-host) and as a smoke test of a new machine.
 """
+
+from pathlib import Path
 
 import ml_collections
 
 from ldm_jax.training.distributed import distributed_config
 from ldm_jax.training.sharding import DEFAULT_LOGICAL_RULES
+
+PATH = str(Path(__file__).resolve())  # what --config takes
 
 
 def get_config(arg=None):

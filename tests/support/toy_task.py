@@ -1,4 +1,6 @@
-"""A tiny sharded linear-regression task (config.trainer = "toy_regression").
+"""Test scaffolding: a tiny sharded linear-regression task (config.trainer = "toy_regression",
+config from support/toy_regression_config.py); tests register it with
+`tasks.make_task(config, TOY_TASKS)` or run `support/train_toy.py`.
 
 It exercises everything the loop does (sharded state, donated jitted step, deterministic
 resumable batches, multi-host global batches, NaN stop) in milliseconds per step, so the loop's
@@ -17,9 +19,10 @@ import optax
 from ldm_jax.compile_options import compiler_options
 from ldm_jax.training.ema import ema_decay, update_ema
 from ldm_jax.training.optimizer import make_optimizer
+from ldm_jax.training.setup import check_global_batch, mesh_from_config
 from ldm_jax.training.sharding import batch_sharding, replicated
 from ldm_jax.training.state import TrainState, create_sharded_state, new_train_state
-from ldm_jax.training.tasks import check_global_batch, mesh_from_config
+from ldm_jax.training.tasks import TASKS
 
 
 class SyntheticBatches:
@@ -130,3 +133,7 @@ def _norm(tree):
 
 def make_task(config) -> ToyRegressionTask:
     return ToyRegressionTask(config)
+
+
+# the production task table plus this one
+TOY_TASKS = {**TASKS, "toy_regression": make_task}

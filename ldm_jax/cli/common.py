@@ -1,0 +1,87 @@
+"""What every command shares: one ``error:`` line and exit status 2 for bad input, the sampler
+names, checkpoint checks and the pipeline cache.
+
+Imports stay light (no jax) so ``--help`` and argument errors answer at once; the pipeline is
+imported when a command loads one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2  # argparse's own status for usage errors
+# command-line sampler name -> ldm_jax.diffusion.SAMPLERS key (tests/test_cli_common.py checks
+# they agree; spelled out here because importing ldm_jax.diffusion imports jax)
+SAMPLERS = {"ddim": "ddim", "ddpm": "ddpm", "plms": "plms", "dpm++": "dpm_solver"}
+# what loading a checkpoint raises for a bad checkpoint (rather than a bug): reported as bad input
+LOAD_ERRORS = (ValueError, OSError, ImportError, KeyError, NotImplementedError)
+_LOCAL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported as one ``error:`` line, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are UsageErrors: one ``error:`` line, not usage + error."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def prog_name(documented: str) -> str:
+    """The name ``--help`` shows: the console script's (``ldm-jax-...``) when run as one, else the
+    documented command (``python sample.py``)."""
+    name = Path(sys.argv[0]).name
+    return name if name.startswith("ldm-jax-") else documented
+
+
+def run_command(parser: argparse.ArgumentParser, command: Callable[..., int], argv=None) -> int:
+    """``command(args)``'s exit status; a UsageError anywhere is printed as one line, status 2."""
+    try:
+        return command(parser.parse_args(argv))
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def exists_or_hub_id(checkpoint: str) -> bool:
+    """True for an existing path or something shaped like a hub id ("org/name")."""
+    if Path(checkpoint).expanduser().exists():
+        return True
+    parts = checkpoint.split("/")
+    local_looking = checkpoint.startswith((".", "/", "~")) or checkpoint.endswith(_LOCAL_SUFFIXES)
+    return len(parts) == 2 and all(parts) and not local_looking
+
+
+def require_checkpoint(checkpoint: str, *, hint: str, hub_ids: bool = True) -> None:
+    """UsageError ``checkpoint ... not found: {hint}`` unless it exists (or looks like a hub id)."""
+    found = exists_or_hub_id(checkpoint) if hub_ids else Path(checkpoint).expanduser().exists()
+    if not found:
+        raise UsageError(f"checkpoint {checkpoint!r} not found: {hint}")
+
+
+def load_pipeline(checkpoint: str, dtype: str = "float32", compilation_cache: str | None = None):
+    """The LatentDiffusionPipeline of a checkpoint, kept for the next command in this process
+    (notebooks, tests: no reload, no recompile); UsageError naming the checkpoint if unreadable."""
+    try:
+        return _cached_pipeline(str(Path(checkpoint).expanduser()), dtype, compilation_cache)
+    except LOAD_ERRORS as error:
+        raise UsageError(f"cannot load checkpoint {checkpoint!r}: {error}") from error
+
+
+@functools.lru_cache(maxsize=1)
+def _cached_pipeline(checkpoint: str, dtype: str, compilation_cache: str | None):
+    """Keyed by (checkpoint, dtype, compilation cache), always passed positionally."""
+    import jax.numpy as jnp  # noqa: PLC0415 - keep --help and argument errors fast
+
+    from ldm_jax.sampling.pipeline import LatentDiffusionPipeline  # noqa: PLC0415
+
+    return LatentDiffusionPipeline.from_pretrained(
+        checkpoint, dtype=getattr(jnp, dtype), compilation_cache_dir=compilation_cache
+    )
