@@ -32,6 +32,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from ldm_jax.atomic import atomic_output
 from ldm_jax.training import metrics as metrics_lib
 from ldm_jax.training.checkpointing import Checkpointer
 
@@ -89,9 +90,8 @@ def save_config(config, workdir: Path) -> Path:
     """workdir/config.json, written atomically by process 0."""
     path = workdir / "config.json"
     if jax.process_index() == 0:
-        temporary = path.with_name(f".{path.name}.tmp")
-        temporary.write_text(config_to_json(config), encoding="utf-8")
-        temporary.replace(path)
+        with atomic_output(path, overwrite=True) as temporary:
+            temporary.write_text(config_to_json(config), encoding="utf-8")
     return path
 
 

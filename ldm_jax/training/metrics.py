@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ldm_jax.images import write_png
+
 # Dense bf16 peak FLOP/s per device (vendor data sheets, no sparsity), keyed by a substring of
 # `jax.Device.device_kind`. Longer keys are tried first so "TPU v5 lite" wins over "TPU v5".
 PEAK_FLOPS_PER_DEVICE = {
@@ -112,15 +114,7 @@ class MetricWriter:
                              f"{image_HWC.shape}")
         self._tb.add_image(name, image_HWC, int(step), dataformats="HWC")
         self._tb.flush()
-        from PIL import Image  # noqa: PLC0415
-
-        folder = self.workdir / "samples"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{name}_{int(step):08d}.png"
-        temporary = path.with_name(f".{path.name}.tmp")
-        Image.fromarray(image_HWC).save(temporary, format="PNG")
-        temporary.replace(path)
-        return path
+        return write_png(image_HWC, self.workdir / "samples" / f"{name}_{int(step):08d}.png")
 
     def close(self) -> None:
         if self._jsonl is not None:
