@@ -16,11 +16,7 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 
 from ldm_jax.diffusion.schedules import make_schedule
-from ldm_jax.spec import CondStageSpec, DiffusionSpec
-
-# cond stages whose module returns an encoder output object (the context is its last_hidden_state);
-# LDM-BERT, the class embedder and the spatial rescaler return the conditioning array itself
-_HIDDEN_STATE_KINDS = ("clip", "openclip")
+from ldm_jax.spec import CLIP_TEXT_CONDITIONINGS, CondStageSpec, DiffusionSpec
 
 
 def schedule_from_spec(diffusion: DiffusionSpec):
@@ -37,7 +33,9 @@ def encode_condition(cond_stage: CondStageSpec, cond_module, cond_params, inputs
     """The cond stage's conditioning: tokens [B, T] -> context [B, T, D] (text), class labels [B]
     -> [B, 1, D] (class embedder), a spatial map [B, H, W, C] -> rescaled (spatial rescaler)."""
     out = cond_module.apply({"params": cond_params}, inputs)
-    return out.last_hidden_state if cond_stage.kind in _HIDDEN_STATE_KINDS else out
+    # CLIP towers return an encoder output (the context is its last_hidden_state); LDM-BERT, the
+    # class embedder and the spatial rescaler return the conditioning array itself
+    return out.last_hidden_state if cond_stage.kind in CLIP_TEXT_CONDITIONINGS else out
 
 
 class UNetConditioning(NamedTuple):

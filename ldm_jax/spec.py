@@ -28,6 +28,7 @@ COND_STAGE_KINDS = (
     "spatial_rescaler",  # SpatialRescaler (semantic synthesis, super-resolution inputs)
 )
 TEXT_CONDITIONINGS = ("clip", "openclip", "ldm_bert")  # the cond stages that take prompts
+CLIP_TEXT_CONDITIONINGS = ("clip", "openclip")  # CLIP-architecture text towers (CLIPTextConfig)
 # LatentDiffusion.conditioning_key: how the conditioning reaches the UNet.
 CONDITIONING_KEYS = (None, "crossattn", "concat", "hybrid", "adm")
 # What a "concat"/"hybrid" model concatenates to its latents along channels, in this order:

@@ -4,8 +4,8 @@ import of a higher layer from a lower one (docs: DESIGN.md, "Layout").
 Every module is parsed with `ast`, so imports inside functions count as much as top-level ones.
 Edges: `import a.b` -> a.b; `from a import b` -> a.b when b is a submodule, else a (its
 __init__); relative imports are resolved; a string constant naming a module (`"ldm_jax.x.y"` or
-`"ldm_jax.x.y:attr"`, the lazy-import tables of `ldm_jax.data` and `ldm_jax.training.tasks`) is a
-lazy import of it. Ignored: `if TYPE_CHECKING:` blocks (never executed) and `if __name__ ==
+`"ldm_jax.x.y:attr"`, as in the lazy-import table of `ldm_jax.data`) is a lazy import of it.
+Ignored: `if TYPE_CHECKING:` blocks (never executed) and `if __name__ ==
 "__main__":` blocks (they run only when the file is a script named `__main__`, so they can neither
 close a cycle nor make importing the library pull in what they run).
 """

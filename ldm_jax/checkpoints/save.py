@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 from ldm_jax.checkpoints.contents import CheckpointContents
+from ldm_jax.spec import CLIP_TEXT_CONDITIONINGS
 
 EXPORT_FORMATS = ("diffusers", "compvis", "orbax")
 
@@ -42,7 +43,7 @@ def _check_exportable_to_torch_tools(checkpoint: CheckpointContents, format: str
     """diffusers and CompVis run every CLIP text tower causally: a bidirectional one (trained
     from scratch, see CLIPTextConfig.causal) would load there silently and compute another thing."""
     cond = checkpoint.spec.cond_stage
-    if cond is not None and cond.kind in ("clip", "openclip") and not cond.config.causal:
+    if cond is not None and cond.kind in CLIP_TEXT_CONDITIONINGS and not cond.config.causal:
         raise ValueError(
             f"cannot export to {format}: the text encoder is a bidirectional (causal=False) CLIP "
             "transformer, which diffusers/CompVis would run with a causal mask; allowed: "

@@ -12,7 +12,7 @@ from ldm_jax.models.ldm_bert import LDMBert
 from ldm_jax.models.params import abstract_params
 from ldm_jax.models.unet import UNet
 from ldm_jax.models.vq import VQModel
-from ldm_jax.spec import ModelSpec
+from ldm_jax.spec import CLIP_TEXT_CONDITIONINGS, ModelSpec
 
 
 def network_modules(spec: ModelSpec, dtype=jnp.float32) -> dict[str, tuple[nn.Module, tuple]]:
@@ -36,7 +36,7 @@ def network_modules(spec: ModelSpec, dtype=jnp.float32) -> dict[str, tuple[nn.Mo
     cond = spec.cond_stage
     if cond is not None:
         c = cond.config
-        if cond.kind in ("clip", "openclip"):
+        if cond.kind in CLIP_TEXT_CONDITIONINGS:
             modules["cond_stage"] = (CLIPTextTransformer(c, dtype=dtype), (_ids(c.max_length),))
         elif cond.kind == "ldm_bert":
             modules["cond_stage"] = (LDMBert(c, dtype=dtype), (_ids(c.max_length),))

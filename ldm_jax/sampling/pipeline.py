@@ -222,7 +222,7 @@ class LatentDiffusionPipeline:
                     f"width / {self.vae_scale_factor}, channels; NHWC), got {latents.shape}"
                 )
         inputs["noise"] = latents
-        t_N, prev_N = self._timesteps(sampler, steps)
+        t_N, prev_N = self.timesteps(sampler, steps)
         from_image = strength is not None and self.task.takes_init_image
         if strength is not None:  # img2img, or SD inpainting starting from the noised image
             start = pipeline_inputs.strength_slice(steps, strength)
@@ -272,7 +272,10 @@ class LatentDiffusionPipeline:
             return NamedSharding(self.mesh, PartitionSpec("data"))
         return NamedSharding(self.mesh, PartitionSpec())
 
-    def _timesteps(self, sampler: str, steps: int):
+    def timesteps(self, sampler: str, num_inference_steps: int):
+        """(t_N, prev_N or None): the training timesteps a call visits, from the spec's timestep
+        settings (prev_N only for the samplers that step to ``t - T // N``: DDIM, PLMS)."""
+        steps = int(num_inference_steps)
         cfg = self.spec.diffusion
         T = self.schedule.num_train_timesteps
         t_N = make_timesteps(steps, T, cfg.timestep_spacing, cfg.steps_offset)

@@ -32,7 +32,7 @@ from ldm_jax.checkpoints.diffusers.unet import diffusers_unet_config, diffusers_
 from ldm_jax.checkpoints.errors import UnsupportedExportError
 from ldm_jax.checkpoints.transformers_clip import TEXT_MODEL_PREFIX, clip_text_key_table
 from ldm_jax.models.clip_text import CLIPTextConfig
-from ldm_jax.spec import ModelSpec
+from ldm_jax.spec import CLIP_TEXT_CONDITIONINGS, ModelSpec
 
 # Written as the version of the format; diffusers only warns about a newer or older one.
 DIFFUSERS_FORMAT_VERSION = "0.30.0"
@@ -93,7 +93,7 @@ def _pipeline_class(spec: ModelSpec) -> str:
         raise UnsupportedExportError(
             "a first-stage-only checkpoint has no diffusers pipeline; export it to compvis or orbax"
         )
-    if cond is not None and cond.kind in ("clip", "openclip"):
+    if cond is not None and cond.kind in CLIP_TEXT_CONDITIONINGS:
         if spec.diffusion.conditioning_key not in ("crossattn", "hybrid"):
             raise UnsupportedExportError(
                 f"text conditioning via {spec.diffusion.conditioning_key!r} "
