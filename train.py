@@ -3,6 +3,7 @@ ldm_jax/cli/train.py.
 
     python train.py --config configs/<experiment>.py[:arg] --workdir runs/x [--config.key=value]
     python train.py      # no --config: the built-in default (configs/default.py, runs/default)
+    python train.py --help [--config FILE.py]    # the flags and the config file's description
 """
 
 import sys

@@ -9,6 +9,9 @@ IO and imports only the networks' config dataclasses.
 """
 
 import dataclasses
+import math
+import types
+import typing
 from typing import Any
 
 from ldm_jax.diffusion.timesteps import SPACINGS
@@ -155,18 +158,108 @@ def spec_to_dict(value: Any) -> Any:
 
 
 def spec_from_dict(data: Any) -> Any:
-    """Inverse of `spec_to_dict`; unknown types or fields raise ValueError naming them."""
+    """Inverse of `spec_to_dict`; unknown types or fields, and values of the wrong type or out of
+    range (e.g. `ch: "abc"`), raise ValueError naming them: the data may come from a file."""
     if isinstance(data, list):
         return tuple(spec_from_dict(v) for v in data)
     if not isinstance(data, dict):
         return data
     data = dict(data)
     type_name = data.pop("_type", None)
-    if type_name not in _SPEC_TYPES:
+    if not isinstance(type_name, str) or type_name not in _SPEC_TYPES:
         raise ValueError(f"unknown spec type {type_name!r}; known: {sorted(_SPEC_TYPES)}")
     cls = _SPEC_TYPES[type_name]
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - known
     if unknown:
         raise ValueError(f"{type_name} has no fields {sorted(unknown)}; fields: {sorted(known)}")
-    return cls(**{k: spec_from_dict(v) for k, v in data.items()})
+    values = {k: spec_from_dict(v) for k, v in data.items()}
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        _check_value(f"{type_name}.{name}", value, hints[name])
+    try:
+        return cls(**values)
+    except (TypeError, ValueError, ArithmeticError) as error:
+        raise ValueError(f"{type_name}: {error}") from None
+
+
+def validate_spec(spec: Any, where: str = "spec") -> None:
+    """ValueError unless every field of `spec` (and of its configs) has its declared type and a
+    sane range: specs built from yaml or diffusers configs are checked before shapes are built."""
+    hints = typing.get_type_hints(type(spec))
+    for f in dataclasses.fields(spec):
+        value = getattr(spec, f.name)
+        _check_value(f"{where}.{f.name}", value, hints[f.name])
+        if dataclasses.is_dataclass(value):
+            validate_spec(value, f"{where}.{f.name}")
+
+
+# Ints in a spec are sizes, counts and ids: -1 ("unset") up to this (vocabularies, codebooks).
+MAX_SPEC_INT = 2**24
+_MAX_TUPLE = 64
+
+
+# Sizes that are at least 1 (a tuple of them: non-empty): a UNet of no levels is no network.
+_POSITIVE_FIELDS = {
+    "channel_mult",
+    "ch_mult",
+    "model_channels",
+    "ch",
+    "width",
+    "mlp_dim",
+    "in_channels",
+    "out_channels",
+    "vocab_size",
+    "max_length",
+    "num_timesteps",
+}
+
+
+def _check_value(where: str, value: Any, hint: Any) -> None:
+    if not _matches(value, hint):
+        raise ValueError(f"{where}={_short(value)} is not allowed; allowed: {_describe(hint)}")
+    if where.rsplit(".", 1)[-1] in _POSITIVE_FIELDS and value is not None:
+        values = value if isinstance(value, tuple) else (value,)
+        if not values or not all(v >= 1 for v in values):
+            raise ValueError(f"{where}={_short(value)} is not allowed; allowed: sizes >= 1")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is tuple:
+        item = typing.get_args(hint)[0]
+        ok = isinstance(value, tuple) and len(value) <= _MAX_TUPLE
+        return ok and all(_matches(v, item) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return type(value) is int and -1 <= value <= MAX_SPEC_INT
+    if hint is float:
+        return type(value) in (int, float) and math.isfinite(value) and abs(value) < 1e12
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    if origin is tuple:
+        return f"a list (at most {_MAX_TUPLE}) of {_describe(typing.get_args(hint)[0])}"
+    if hint is int:
+        return f"an integer in [-1, {MAX_SPEC_INT}]"
+    if hint is float:
+        return "a finite number"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -18,8 +18,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_sampler_names_are_the_librarys():
-    assert list(common.SAMPLERS) == ["ddim", "ddpm", "plms", "dpm++"]  # --sampler's order
-    assert sorted(common.SAMPLERS.values()) == sorted(ldm_jax.diffusion.SAMPLERS)
+    # --sampler's order: the canonical names, then the aliases; each means a library sampler
+    assert list(common.SAMPLERS) == ["ddim", "ddpm", "plms", "dpm_solver", "dpm++"]
+    assert common.SAMPLERS["dpm++"] == common.SAMPLERS["dpm_solver"] == "dpm_solver"
+    assert set(common.SAMPLERS.values()) == set(ldm_jax.diffusion.SAMPLERS)
+    for name in common.SAMPLERS:
+        assert ldm_jax.diffusion.SAMPLERS[name] is ldm_jax.diffusion.SAMPLERS[common.SAMPLERS[name]]
 
 
 def test_usage_errors_are_one_line_and_exit_2(capsys):

@@ -102,11 +102,21 @@ def test_default_run_end_to_end_then_sample_py(tmp_path, monkeypatch, capsys):
     grid = np.asarray(Image.open(workdir / "samples.png"))
     assert grid.shape == (64, 64, 3)  # 4 images of 32 px, 2 x 2
 
+    # the same command again: the run is complete; no re-export, re-sampling or new config.json
+    before = _snapshot(workdir)
+    assert train_cli.main(["train.py", f"--config={DEFAULT}:ci", "--config.seed=1"]) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert _snapshot(workdir) == before
+
     samples = tmp_path / "samples"
     argv = ["--prompt", "a red circle", "--n", "1", "--steps", "2", "--out", str(samples),
             "--no-progress"]
     assert sampling_cli.main(argv) == 0
     assert Image.open(samples / "00.png").size == (32, 32)
+
+
+def _snapshot(folder):
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
 
 
 def _leaves(tree):

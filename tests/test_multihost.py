@@ -1,5 +1,7 @@
 """Multi-host training: 2 local processes x 4 CPU devices (gloo collectives, localhost coordinator)
-agree with 1 process x 8 devices, step by step, and write one shared checkpoint."""
+agree with 1 process x 8 devices, step by step, and write one shared checkpoint; a SIGTERM to one
+of them stops both at the same saved step, and the rerun ends exactly where an uninterrupted run
+does."""
 
 import os
 import socket
@@ -10,6 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 from support import toy_regression_config, toy_task
 
 from ldm_jax.training import loop, metrics
@@ -18,7 +21,7 @@ from ldm_jax.training.config_overrides import load_config
 
 TESTS = Path(__file__).resolve().parent
 TOY = toy_regression_config.PATH
-STEPS = 4
+STEPS = 6
 
 
 def free_port() -> int:
@@ -27,20 +30,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_agree_with_one(tmp_path):
+def run_two_processes(workdir, steps, *overrides, only_process_1=()):
+    """`train_toy.py` as 2 local processes x 4 CPU devices; [(return code, output)] per process.
+    `only_process_1`: overrides given to process 1 alone (e.g. a SIGTERM at one step)."""
     port = free_port()
     # the train CLI with the test-only toy task (support/train_toy.py; tests/ on the path)
     pythonpath = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": pythonpath,
            "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     common = [sys.executable, str(TESTS / "support" / "train_toy.py"), "--config", TOY,
-              "--workdir", str(tmp_path / "multi"), f"--config.train.num_steps={STEPS}",
+              "--workdir", str(workdir), f"--config.train.num_steps={steps}",
               "--config.train.log_every=1", "--config.train.checkpoint_every=2",
               "--config.train.progress_bar=False",
               f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-              "--config.distributed.num_processes=2"]
+              "--config.distributed.num_processes=2", *overrides]
     procs = [
-        subprocess.Popen([*common, f"--config.distributed.process_id={i}"], cwd=TESTS.parent,
+        subprocess.Popen([*common, f"--config.distributed.process_id={i}",
+                          *(only_process_1 if i == 1 else ())], cwd=TESTS.parent,
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for i in range(2)
     ]
@@ -52,14 +58,25 @@ def test_two_processes_agree_with_one(tmp_path):
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    for p, out in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, out[-3000:]
+    return [(p.returncode, out) for p, out in zip(procs, outputs, strict=True)]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """An uninterrupted 2-process run of STEPS steps (shared: each run costs ~10 s of start-up)."""
+    workdir = tmp_path_factory.mktemp("multi")
+    for code, out in run_two_processes(workdir, STEPS):
+        assert code == 0, out[-3000:]
+    return workdir
+
+
+def test_two_processes_agree_with_one(tmp_path, straight):
 
     config = load_config(TOY)
     config.train.update(dict(num_steps=STEPS, log_every=1, checkpoint_every=2, progress_bar=False))
     loop.run(config, tmp_path / "single", toy_task.make_task(config))
 
-    multi = metrics.read_jsonl(tmp_path / "multi" / "metrics.jsonl")  # written by process 0 only
+    multi = metrics.read_jsonl(straight / "metrics.jsonl")  # written by process 0 only
     single = metrics.read_jsonl(tmp_path / "single" / "metrics.jsonl")
     assert sorted(multi) == list(range(1, STEPS + 1))
     for step in multi:
@@ -67,8 +84,8 @@ def test_two_processes_agree_with_one(tmp_path):
         np.testing.assert_allclose(multi[step]["grad_norm"], single[step]["grad_norm"], rtol=1e-6)
 
     # the 2-process checkpoint restores on 8 devices: same params, both iterator states inside
-    checkpoints = Checkpointer(tmp_path / "multi" / "checkpoints")
-    assert checkpoints.all_steps() == [2, 4]
+    checkpoints = Checkpointer(straight / "checkpoints")
+    assert checkpoints.all_steps() == [2, 4, 6]
     target = toy_task.make_task(config).init_state(jax.random.key(7))
     ours, _, _ = Checkpointer(tmp_path / "single" / "checkpoints").restore(STEPS, target)
     ours = jax.device_get(ours.params)
@@ -81,3 +98,41 @@ def test_two_processes_agree_with_one(tmp_path):
     # gloo's cross-process reductions sum in another order: equal up to float32 rounding
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), ours,
                  jax.device_get(theirs.params))
+
+
+def _restore_all(workdir, config, step):
+    """(state, data state) of a 2-process checkpoint, restored on this process's 8 devices."""
+    manager = Checkpointer(Path(workdir) / "checkpoints").manager
+    target = toy_task.make_task(config).init_state(jax.random.key(9))
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+    return jax.device_get(restored["state"]), restored["data"]
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_exactly(tmp_path, straight):
+    """SIGTERM reaches process 1 only (after step 3): both finish step 3, save it, exit 0; the
+    rerun resumes from it and ends bit for bit where an uninterrupted 2-process run ends."""
+    steps = STEPS
+    stopped = run_two_processes(tmp_path / "run", steps,
+                                only_process_1=("--config.train.debug.sigterm_at_step=3",))
+    for code, out in stopped:
+        assert code == 0, out[-3000:]
+        assert "preempted at step 3" in out, out[-3000:]
+    assert Checkpointer(tmp_path / "run" / "checkpoints").all_steps() == [2, 3]
+    resumed = run_two_processes(tmp_path / "run", steps)
+    for code, out in resumed:
+        assert code == 0, out[-3000:]
+    assert "(step 3)" in resumed[0][1]  # process 0 logs the resume
+
+    a = metrics.read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    b = metrics.read_jsonl(straight / "metrics.jsonl")
+    assert sorted(a) == sorted(b) == list(range(1, steps + 1))
+    assert [a[s]["loss"] for s in a] == [b[s]["loss"] for s in b]
+    config = load_config(TOY)
+    config.train.update(dict(num_steps=steps, progress_bar=False))
+    ours, our_data = _restore_all(tmp_path / "run", config, steps)
+    theirs, their_data = _restore_all(straight, config, steps)
+    assert our_data == their_data == {"process_0": {"index": steps},
+                                      "process_1": {"index": steps}}
+    assert int(ours.step) == int(theirs.step) == steps
+    jax.tree.map(np.testing.assert_array_equal, ours, theirs)

@@ -176,6 +176,45 @@ def test_bad_inputs(v_pipe):
         v_pipe([])
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number, got nan"),
+        (dict(guidance_scale=float("inf")), "guidance_scale must be a finite number, got inf"),
+        (dict(guidance_scale="7.5"), "guidance_scale must be a number"),
+        (dict(eta=float("nan")), "eta must be a finite number"),
+        (dict(eta=-0.1), r"eta must be in \[0, 1\]"),
+        (dict(eta=1.5), r"eta must be in \[0, 1\]"),  # DDIM's update would be nan
+        (dict(eta=0.5, sampler="dpm++"), "eta applies to the ddim sampler only"),
+        (dict(seed=-1), r"seed must be in \[0, 2\*\*32 - 1\]"),
+        (dict(seed=2**32), r"seed must be in \[0, 2\*\*32 - 1\]"),  # PRNGKey: seed 0's key
+        (dict(seed=2**70), r"seed must be in \[0, 2\*\*32 - 1\]"),  # PRNGKey: OverflowError
+        (dict(seed=1.5), "seed must be an integer"),
+        (dict(strength=float("nan")), "strength must be a finite number"),
+        (dict(strength=1.5), r"strength must be in \(0, 1\]"),
+        (dict(sampler="euler"), "unknown sampler 'euler'.*ddim, ddpm, plms, dpm_solver"),
+    ],
+)
+def test_bad_numbers_are_refused_before_compiling(v_pipe, monkeypatch, kwargs, message):
+    def generate(*args, **kwargs):
+        raise AssertionError("compiled before the arguments were checked")
+
+    monkeypatch.setattr(v_pipe, "_generate", generate)
+    with pytest.raises(ValueError, match=message):
+        v_pipe("x", num_inference_steps=2, **kwargs)
+
+
+def test_sampler_aliases_share_one_compiled_function(v_pipe):
+    """The CLI's "dpm++" and the config's "dpm_solver" are one sampler (and one compile)."""
+    kwargs = dict(num_inference_steps=2, seed=1, output="float")
+    ours = v_pipe("x", sampler="dpm_solver", **kwargs)
+    compiled = v_pipe._generate._cache_size()
+    np.testing.assert_array_equal(v_pipe("x", sampler="dpm++", **kwargs), ours)
+    assert v_pipe._generate._cache_size() == compiled
+    largest_seed = v_pipe("x", sampler="dpm++", **{**kwargs, "seed": 2**32 - 1})
+    assert largest_seed.shape == ours.shape and not np.array_equal(largest_seed, ours)
+
+
 def test_unsupported_conditioning_is_not_implemented(v_pipe):
     rescaler = CondStageSpec("spatial_rescaler", SpatialRescalerConfig(out_channels=4))
     diffusion = dataclasses.replace(v_pipe.spec.diffusion, conditioning_key="concat")

@@ -78,7 +78,10 @@ def test_dpm_solver_size_and_odd_batch(tiny, tmp_path, progress_bars):
 
 BAD_INPUTS = {
     "no checkpoint": ([], "--checkpoint is required"),
-    "unknown sampler": (["--sampler", "euler"], "choose from 'ddim', 'ddpm', 'plms', 'dpm++'"),
+    "unknown sampler": (
+        ["--sampler", "euler"],
+        "choose from 'ddim', 'ddpm', 'plms', 'dpm_solver', 'dpm++'",
+    ),
     "zero steps": (["--steps", "0"], "--steps must be >= 1"),
     "zero images": (["--n", "0"], "--n must be >= 1"),
     "height not divisible": (["--height", "15"], "not a multiple of 2"),

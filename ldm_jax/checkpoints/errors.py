@@ -1,16 +1,23 @@
 """Every error the checkpoint readers and writers raise, in one place.
 
 All are ValueErrors (a bad file or a bad request, never a bug), so callers and the CLIs can catch
-one family; `DestinationExistsError` is a FileExistsError from `ldm_jax.atomic`.
+one family; the destination errors come from `ldm_jax.atomic` (DestinationExistsError and
+DestinationNotReplaceableError are FileExistsErrors; DestinationOverlapsSourceError a ValueError).
 """
 
-from ldm_jax.atomic import DestinationExistsError
+from ldm_jax.atomic import (
+    DestinationExistsError,
+    DestinationNotReplaceableError,
+    DestinationOverlapsSourceError,
+)
 
 __all__ = [
     "ArchitectureError",
     "CheckpointFileError",
     "CheckpointMismatchError",
     "DestinationExistsError",
+    "DestinationNotReplaceableError",
+    "DestinationOverlapsSourceError",
     "OrbaxCheckpointError",
     "UnsupportedExportError",
 ]

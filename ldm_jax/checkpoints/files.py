@@ -14,6 +14,7 @@ are dropped; any other pickled global (e.g. a function call) is refused with an 
 """
 
 import json
+import re
 import struct
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -256,15 +257,22 @@ def _unsupported_globals(path: Path, error: Exception, zipped: bool) -> list[str
         except Exception:  # noqa: BLE001 - a corrupt pickle: report the original error
             return []
     text = str(error)  # legacy files: the refused name is in the message
-    for marker in ("Unsupported global: GLOBAL ", "Unsupported class "):
-        if marker in text:
-            return [text.split(marker, 1)[1].split()[0].rstrip(".,")]
-    return []
+    return _REFUSED_GLOBAL.findall(text)[:1]
+
+
+# How torch names the global its weights-only unpickler refused (the wording varies by version).
+_REFUSED_GLOBAL = re.compile(
+    r"(?:Unsupported global: GLOBAL|unsupported GLOBAL|Unsupported class)\s+([\w.]+[\w])"
+)
+# Lines of torch's message that advise loading with weights_only=False: never repeated here.
+_TORCH_ADVICE = ("weights_only", "weights only", "check the documentation", "file an issue")
 
 
 def _first_line(error: Exception) -> str:
+    """The reason in a torch load error, without torch's advice to retry unsafely."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+    lines = [line for line in lines if not any(a in line.lower() for a in _TORCH_ADVICE)]
+    return f"{type(error).__name__}: {lines[0] if lines else 'not a weights-only pickle'}"
 
 
 def open_tensor_file(path: str | Path) -> TensorFile:

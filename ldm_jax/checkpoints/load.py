@@ -3,8 +3,9 @@
 
 Accepted: a CompVis / Stability-AI single file (`.safetensors`, or a pickled `.ckpt`/`.pt`/`.pth`/
 `.bin` read weights-only), a diffusers pipeline folder (with `model_index.json`), or a Hugging Face
-hub id `org/name` of such a folder (fetched only when no local path of that name exists;
-offline, only what is cached).
+hub id `org/name` of such a folder (fetched only when no local path of that name exists and the
+name does not look local, see `is_hub_id`; offline, only what is cached). Specs and configs in the
+files are untrusted: checked by `ldm_jax.checkpoints.validate` before any shape is built.
 """
 
 import dataclasses
@@ -44,11 +45,13 @@ from ldm_jax.checkpoints.files import (
 )
 from ldm_jax.checkpoints.orbax import SPEC_FILE, is_orbax_checkpoint, restore_orbax
 from ldm_jax.checkpoints.tokenizer import tokenizer_for_spec
+from ldm_jax.checkpoints.validate import check_against_tensors
 from ldm_jax.models.factory import abstract_checkpoint_params
 from ldm_jax.spec import (
     PREDICTION_TYPES,
     ModelSpec,
     spec_from_dict,
+    validate_spec,
 )
 
 LOCAL_ACCEPTED = (
@@ -57,6 +60,9 @@ LOCAL_ACCEPTED = (
 )
 ACCEPTED = f"{LOCAL_ACCEPTED}, or a Hugging Face hub id 'org/name'"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# Names that are local paths even when nothing exists there (a missing one is "no such file").
+# ldm_jax.cli.common.exists_or_hub_id applies the same rule without importing jax.
+LOCAL_SUFFIXES = (*SAFETENSORS_SUFFIXES, *TORCH_SUFFIXES, ".yaml", ".yml")
 _HUB_FOLDERS = ("unet", *FIRST_STAGE_FOLDERS, *TEXT_FOLDERS)
 
 
@@ -104,7 +110,7 @@ def read_checkpoint(
     if path.is_dir() and not is_diffusers_folder(path):
         raise CheckpointFileError(f"{path} is a folder without {MODEL_INDEX}; accepted: {ACCEPTED}")
     if not path.is_dir():
-        if not _HUB_ID.fullmatch(str(path_or_id)):
+        if not is_hub_id(str(path_or_id)):
             raise CheckpointFileError(f"{path_or_id}: no such file or folder; accepted: {ACCEPTED}")
         path = download_from_hub(str(path_or_id))
     if config is not None or use_ema:
@@ -117,6 +123,25 @@ def read_checkpoint(
     return CheckpointContents(spec, params, tokenizer_for_spec(spec, tokenizer or tokenizer_folder))
 
 
+def looks_local(name: str) -> bool:
+    """A checkpoint-suffixed or path-looking name (`.`, `/`, `~` first, or several `/`)."""
+    return (
+        name.lower().endswith(LOCAL_SUFFIXES)
+        or name.startswith((".", "/", "~"))
+        or name.count("/") != 1
+        or "\\" in name
+    )
+
+
+def is_hub_id(name: str) -> bool:
+    """Only a bare `org/name` that is no local path goes to the hub (the CLIs use this too)."""
+    return (
+        not looks_local(name)
+        and _HUB_ID.fullmatch(name) is not None
+        and not Path(name).expanduser().exists()
+    )
+
+
 # ------------------------------------------------------------------ CompVis single files
 
 
@@ -125,7 +150,7 @@ def _load_compvis(path: Path, dtype, prediction_type, config, use_ema, tokenizer
         if config is not None:
             arch = spec_from_yaml(config, state_dict)
         elif SPEC_METADATA_KEY in state_dict.extras:  # written by ldm_jax: the spec is exact
-            spec = spec_from_dict(json.loads(state_dict.extras[SPEC_METADATA_KEY]))
+            spec = _metadata_spec(path, state_dict.extras[SPEC_METADATA_KEY])
             arch = CompVisArchitecture(spec, source="ldm_jax metadata")
         else:
             try:
@@ -133,6 +158,7 @@ def _load_compvis(path: Path, dtype, prediction_type, config, use_ema, tokenizer
             except ArchitectureError as error:
                 raise ArchitectureError(f"{path}: {error}") from None
         spec = arch.spec
+        _check_spec(path, spec, state_dict)
         if spec.unet is not None and prediction_type is None and arch.source == "keys":
             if spec.cond_stage.kind == "openclip":
                 warnings.warn(
@@ -154,11 +180,15 @@ def _load_compvis(path: Path, dtype, prediction_type, config, use_ema, tokenizer
                     "use_ema=True"
                 )
             source = ema_state_dict(state_dict)
-        table = compvis_checkpoint_table(
-            spec, first_stage_as_cond_stage=arch.first_stage_as_cond_stage
-        )
+        try:  # a spec whose fields pass but do not fit together is the file's fault
+            table = compvis_checkpoint_table(
+                spec, first_stage_as_cond_stage=arch.first_stage_as_cond_stage
+            )
+            abstract = abstract_checkpoint_params(spec)
+        except (TypeError, ValueError, IndexError, KeyError, ArithmeticError) as error:
+            raise ArchitectureError(f"{path}: unsupported architecture ({error})") from None
         try:
-            params = read_params(table, source, abstract_checkpoint_params(spec), dtype)
+            params = read_params(table, source, abstract, dtype)
         except CheckpointMismatchError as error:
             how = (
                 "the architecture of the yaml config"
@@ -168,6 +198,34 @@ def _load_compvis(path: Path, dtype, prediction_type, config, use_ema, tokenizer
             )
             raise CheckpointMismatchError(f"{path} does not fit {how}: {error}") from None
     return CheckpointContents(spec, params, tokenizer_for_spec(spec, tokenizer))
+
+
+def _metadata_spec(path: Path, text) -> ModelSpec:
+    """The spec an ldm_jax export stored in the file's metadata, its every field checked."""
+    try:
+        spec = spec_from_dict(json.loads(text))
+    except (ValueError, TypeError, RecursionError) as error:
+        raise CheckpointFileError(
+            f"{path}: the ldm_jax spec in its metadata ({SPEC_METADATA_KEY}) is invalid: {error}"
+        ) from None
+    if not isinstance(spec, ModelSpec):
+        raise CheckpointFileError(
+            f"{path}: the ldm_jax spec in its metadata ({SPEC_METADATA_KEY}) is a "
+            f"{type(spec).__name__}; allowed: a ModelSpec object"
+        )
+    return spec
+
+
+def _check_spec(path: Path, spec: ModelSpec, state_dict) -> None:
+    """Field types and ranges, then the declared layers and widths against the file's tensors,
+    before any shape is built from the spec."""
+    try:
+        validate_spec(spec)
+    except ValueError as error:
+        raise ArchitectureError(f"{path}: unsupported {error}") from None
+    for network in (spec.unet, spec.first_stage, spec.cond_stage and spec.cond_stage.config):
+        if network is not None:
+            check_against_tensors(network, state_dict, path)
 
 
 def _with_prediction_type(spec: ModelSpec, prediction_type: str | None, source) -> ModelSpec:

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from ldm_jax.atomic import atomic_output
+from ldm_jax.atomic import atomic_output, folder_kind
 from ldm_jax.checkpoints.contents import CheckpointContents
 from ldm_jax.checkpoints.errors import OrbaxCheckpointError
 from ldm_jax.checkpoints.tokenizer import tokenizer_for_spec
@@ -31,11 +31,25 @@ def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
     return (path / SPEC_FILE).is_file() and (path / PARAMS_DIR).is_dir()
 
 
+# what overwrite may replace: another ldm_jax orbax folder, never an unrelated folder
+ORBAX_FOLDER = folder_kind(
+    f"an ldm_jax orbax checkpoint folder (with {SPEC_FILE} and {PARAMS_DIR}/)",
+    is_orbax_checkpoint,
+)
+
+
 def save_orbax(
-    checkpoint: CheckpointContents, destination: str | os.PathLike, *, overwrite=False
+    checkpoint: CheckpointContents,
+    destination: str | os.PathLike,
+    *,
+    overwrite=False,
+    protect=(),
 ) -> Path:
-    """Write `checkpoint` as an orbax folder at `destination` (atomically)."""
-    with atomic_output(destination, overwrite=overwrite) as temporary:
+    """Write `checkpoint` as an orbax folder at `destination` (atomically); `overwrite` replaces
+    only an orbax folder, never a `protect`ed path (see `ldm_jax.atomic`)."""
+    with atomic_output(
+        destination, overwrite=overwrite, replaceable=ORBAX_FOLDER, protect=protect
+    ) as temporary:
         temporary.mkdir()
         # closing the checkpointer joins its background writer before the folder is renamed
         # (or removed, when the save failed)

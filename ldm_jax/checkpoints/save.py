@@ -2,6 +2,7 @@
 (`ldm_jax.checkpoints.save_checkpoint` and `save_pretrained` call it)."""
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from ldm_jax.checkpoints.contents import CheckpointContents
@@ -16,27 +17,56 @@ def write_checkpoint(
     *,
     format: str,  # noqa: A002 - the name users expect (save_pretrained(..., format=...))
     overwrite: bool = False,
+    protect: Iterable[str | os.PathLike | None] = (),
 ) -> Path:
     """Write `checkpoint` as a diffusers folder, a CompVis .safetensors file or an orbax folder.
 
-    Writes are atomic: on any failure nothing is left at `destination`; an existing destination
-    is an error unless `overwrite`.
+    Writes are atomic: on any failure nothing is left at `destination`. An existing destination
+    is an error unless `overwrite`, and even then it is replaced only when it is a checkpoint of
+    the format written (a .safetensors file; a diffusers folder; an orbax folder) or an empty
+    folder. `protect`: paths (the checkpoint's source) the destination may not be, contain or lie
+    inside. Rules in `ldm_jax.atomic`.
     """
     if format in ("diffusers", "compvis"):
         _check_exportable_to_torch_tools(checkpoint, format)
     if format == "diffusers":
         from ldm_jax.checkpoints.diffusers.export import save_diffusers  # noqa: PLC0415
 
-        return save_diffusers(checkpoint, destination, overwrite=overwrite)
+        return save_diffusers(checkpoint, destination, overwrite=overwrite, protect=protect)
     if format == "compvis":
         from ldm_jax.checkpoints.compvis.export import save_compvis  # noqa: PLC0415
 
-        return save_compvis(checkpoint, destination, overwrite=overwrite)
+        return save_compvis(checkpoint, destination, overwrite=overwrite, protect=protect)
     if format == "orbax":
         from ldm_jax.checkpoints.orbax import save_orbax  # noqa: PLC0415
 
-        return save_orbax(checkpoint, destination, overwrite=overwrite)
+        return save_orbax(checkpoint, destination, overwrite=overwrite, protect=protect)
     raise ValueError(f"unknown export format {format!r}; allowed: {EXPORT_FORMATS}")
+
+
+def check_save_destination(
+    destination: str | os.PathLike,
+    *,
+    format: str,  # noqa: A002
+    overwrite: bool = False,
+    protect: Iterable[str | os.PathLike | None] = (),
+) -> None:
+    """Raise the error `write_checkpoint` would raise for `destination`, before any work (a
+    converter checks this before reading its source)."""
+    from ldm_jax.atomic import check_destination  # noqa: PLC0415
+
+    if format == "diffusers":
+        from ldm_jax.checkpoints.diffusers.export import DIFFUSERS_FOLDER as kind  # noqa: PLC0415
+    elif format == "compvis":
+        from ldm_jax.checkpoints.compvis.export import COMPVIS_FILE as kind  # noqa: PLC0415
+        from ldm_jax.checkpoints.compvis.export import check_compvis_suffix  # noqa: PLC0415
+
+        check_compvis_suffix(destination)
+    elif format == "orbax":
+        from ldm_jax.checkpoints.orbax import ORBAX_FOLDER as kind  # noqa: PLC0415
+    else:
+        raise ValueError(f"unknown export format {format!r}; allowed: {EXPORT_FORMATS}")
+    check_destination(destination, overwrite=overwrite, replaceable=kind, protect=protect)
 
 
 def _check_exportable_to_torch_tools(checkpoint: CheckpointContents, format: str) -> None:  # noqa: A002

@@ -1,7 +1,8 @@
 """Prompt adherence of a checkpoint: sample the shapes test split's captions, read them back.
 
     python -m ldm_jax.eval.adherence --checkpoint PATH [--n 64] [--steps 50] [--guidance 5]
-        [--sampler ddim|ddpm|plms|dpm++] [--batch 16] [--seed 0] [--json FILE] [--grid FILE]
+        [--sampler ddim|ddpm|plms|dpm++|dpm_solver] [--batch 16] [--seed 0] [--json FILE]
+        [--grid FILE]
 
 Prompts are the first ``--n`` captions of the shapes dataset's test split (``--data-seed``), so runs
 are comparable. Prints per-attribute accuracy (see ``ldm_jax.eval.adherence``) beside the default
@@ -23,6 +24,8 @@ from ldm_jax.cli.common import (
     SAMPLERS,
     Parser,
     UsageError,
+    check_creatable,
+    check_number,
     load_pipeline,
     prog_name,
     require_checkpoint,
@@ -31,6 +34,7 @@ from ldm_jax.cli.common import (
 from ldm_jax.data.shapes import ShapesConfig, ShapesSource
 from ldm_jax.eval.adherence import METRICS, TARGETS, score
 from ldm_jax.images import make_grid, write_png
+from ldm_jax.sampler_options import MAX_SEED, check_guidance, check_seed
 
 _SETTINGS = ("n", "steps", "sampler", "guidance", "batch", "seed", "data_seed")
 
@@ -45,9 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n", type=int, default=64, help="number of test prompts (default 64)")
     parser.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
     parser.add_argument("--sampler", choices=tuple(SAMPLERS), default="ddim", help="default ddim")
-    parser.add_argument("--guidance", type=float, default=5.0, help="CFG scale (5; <=1 off)")
+    parser.add_argument(
+        "--guidance", type=float, default=5.0, help="CFG scale, finite (5; <=1 off)"
+    )
     parser.add_argument("--batch", type=int, default=16, help="images per sampler call (16)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="sampling seed (default 0); batch k uses seed + k"
+    )
     parser.add_argument("--data-seed", type=int, default=0, help="shapes dataset seed (default 0)")
     parser.add_argument("--json", metavar="FILE", help="also write the report as JSON here")
     parser.add_argument("--grid", metavar="FILE", help="also save the sampled images as a PNG grid")
@@ -64,15 +72,31 @@ def check_args(args) -> None:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     if args.batch < 1:
         raise UsageError(f"--batch must be >= 1, got {args.batch}")
+    check_number(check_guidance, args.guidance, "--guidance")
+    last = -(-args.n // args.batch) - 1  # batch k samples with seed + k
+    check_number(check_seed, args.seed, "--seed")
+    if args.seed + last > MAX_SEED:
+        raise UsageError(
+            f"--seed must be <= {MAX_SEED - last} here: batch {last} uses seed + {last}"
+        )
+    if args.data_seed < 0:
+        raise UsageError(f"--data-seed must be >= 0, got {args.data_seed}")
     require_checkpoint(
         args.checkpoint,
         hub_ids=False,
         hint="pass the folder or file a training run saved (e.g. the default run's checkpoint; "
         "see README)",
     )
+    if args.json and args.grid and Path(args.json).resolve() == Path(args.grid).resolve():
+        raise UsageError(f"--json and --grid are the same file ({args.json}); give two paths")
     for flag in ("json", "grid"):
         path = getattr(args, flag)
-        if path and Path(path).exists() and not args.overwrite:
+        if not path:
+            continue
+        check_creatable(path, f"--{flag}")
+        if Path(path).is_dir():
+            raise UsageError(f"--{flag} {path} is a folder; give a file path")
+        if Path(path).exists() and not args.overwrite:
             raise UsageError(f"--{flag} {path} exists; pass --overwrite or another path")
 
 

@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from ldm_jax.sampler_options import ALL_SAMPLER_NAMES, canonical_sampler
+
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2  # argparse's own status for usage errors
-# command-line sampler name -> ldm_jax.diffusion.SAMPLERS key (tests/test_cli_common.py checks
-# they agree; spelled out here because importing ldm_jax.diffusion imports jax)
-SAMPLERS = {"ddim": "ddim", "ddpm": "ddpm", "plms": "plms", "dpm++": "dpm_solver"}
+# --sampler's names (canonical and aliases) -> the ldm_jax.diffusion.SAMPLERS key, from the one
+# table of ldm_jax.sampler_options (no jax: importing ldm_jax.diffusion would import it)
+SAMPLERS = {name: canonical_sampler(name) for name in ALL_SAMPLER_NAMES}
 # what loading a checkpoint raises for a bad checkpoint (rather than a bug): reported as bad input
 LOAD_ERRORS = (ValueError, OSError, ImportError, KeyError, NotImplementedError)
-_LOCAL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
+# as ldm_jax.checkpoints.load.LOCAL_SUFFIXES (tests/test_untrusted_files.py checks they agree)
+_LOCAL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".yaml", ".yml")
 
 
 class UsageError(Exception):
@@ -55,7 +59,8 @@ def exists_or_hub_id(checkpoint: str) -> bool:
     if Path(checkpoint).expanduser().exists():
         return True
     parts = checkpoint.split("/")
-    local_looking = checkpoint.startswith((".", "/", "~")) or checkpoint.endswith(_LOCAL_SUFFIXES)
+    local_looking = checkpoint.startswith((".", "/", "~")) or "\\" in checkpoint
+    local_looking = local_looking or checkpoint.lower().endswith(_LOCAL_SUFFIXES)
     return len(parts) == 2 and all(parts) and not local_looking
 
 
@@ -64,6 +69,51 @@ def require_checkpoint(checkpoint: str, *, hint: str, hub_ids: bool = True) -> N
     found = exists_or_hub_id(checkpoint) if hub_ids else Path(checkpoint).expanduser().exists()
     if not found:
         raise UsageError(f"checkpoint {checkpoint!r} not found: {hint}")
+
+
+def check_number(check: Callable, value, flag: str):
+    """``check(value, flag)`` (an ldm_jax.sampler_options check) with its ValueError as a
+    UsageError: the same rule as the pipeline's, named by the flag."""
+    try:
+        return check(value, flag)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+
+
+def check_creatable(path, flag: str) -> None:
+    """UsageError unless a missing ``path`` can be created: its first existing ancestor must be a
+    writable folder. Refuses now what would fail only after the work (``--out <file>/sub``); an
+    existing ``path`` is left to the caller's rules."""
+    path = Path(path)  # as the writer will open it (no ~ expansion)
+    existing = path
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if existing == path:
+        return
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {path} cannot be created: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path} cannot be created: {existing} is not writable")
+
+
+def check_output_folder(out: str, names, overwrite: bool) -> None:
+    """UsageError unless ``out`` can be (or is) a folder to write ``names`` into: not a file, not
+    under one, writable, and holding none of them (unless ``overwrite``; never a folder of one of
+    the names, which no write could replace)."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder")
+    check_creatable(path, "--out")
+    if not path.is_dir():
+        return
+    folders = [n for n in names if (path / n).is_dir()]
+    if folders:
+        raise UsageError(f"{out} holds folders named {', '.join(folders)}; choose another --out")
+    taken = [n for n in names if (path / n).exists()]
+    if taken and not overwrite:
+        raise UsageError(
+            f"{out} already holds {', '.join(taken)}; pass --overwrite or another --out"
+        )
 
 
 def load_pipeline(checkpoint: str, dtype: str = "float32", compilation_cache: str | None = None):

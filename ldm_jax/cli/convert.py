@@ -6,7 +6,8 @@
 
 SRC: a CompVis .safetensors/.ckpt file, a diffusers folder, an ldm_jax orbax folder, or a hub id.
 DST: a folder (diffusers, orbax) or a .safetensors file (compvis). Nothing is written on error,
-and the exit status is non-zero (2) with one line saying what is wrong.
+and the exit status is non-zero (2) with one line saying what is wrong. --overwrite replaces only
+a checkpoint of the --to format (or an empty folder), and never SRC or a folder holding it.
 """
 
 import argparse
@@ -31,7 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prediction-type", choices=("epsilon", "v_prediction"))
     parser.add_argument("--use-ema", action="store_true", help="take the UNet's EMA weights")
     parser.add_argument("--dtype", choices=DTYPES, help="convert parameters while loading")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing DST that is a checkpoint of the --to format",
+    )
     return parser
 
 
@@ -44,8 +49,13 @@ def _convert(args) -> int:
     import jax.numpy as jnp  # noqa: PLC0415 - keep --help fast
 
     from ldm_jax.checkpoints import load_checkpoint, save_checkpoint  # noqa: PLC0415
+    from ldm_jax.checkpoints.save import check_save_destination  # noqa: PLC0415
 
+    protect = (args.source, args.config)
     try:
+        check_save_destination(  # before the (long) read: never over (or around) the source
+            args.destination, format=args.format, overwrite=args.overwrite, protect=protect
+        )
         checkpoint = load_checkpoint(
             args.source,
             dtype=getattr(jnp, args.dtype) if args.dtype else None,
@@ -54,7 +64,11 @@ def _convert(args) -> int:
             use_ema=args.use_ema,
         )
         written = save_checkpoint(
-            checkpoint, args.destination, format=args.format, overwrite=args.overwrite
+            checkpoint,
+            args.destination,
+            format=args.format,
+            overwrite=args.overwrite,
+            protect=protect,
         )
     except (ValueError, OSError, ImportError, KeyError) as error:
         raise UsageError(str(error)) from error

@@ -1,7 +1,7 @@
 """Sampling from the shell: the logic behind ``python sample.py``.
 
     python sample.py --checkpoint PATH_OR_ID --prompt "a photo of a cat" [--n 4] [--steps 50]
-        [--sampler ddim|ddpm|plms|dpm++] [--guidance 7.5] [--seed 0] [--out outputs/]
+        [--sampler ddim|ddpm|plms|dpm++|dpm_solver] [--guidance 7.5] [--seed 0] [--out outputs/]
         [--init-image PATH --strength 0.75] [--mask PATH] [--class-label N] [--low-res-image PATH]
 
 The checkpoint decides the task: text-to-image (--prompt), unconditional (no conditioning flag),
@@ -30,12 +30,15 @@ from ldm_jax.cli.common import (
     SAMPLERS,
     Parser,
     UsageError,
+    check_number,
+    check_output_folder,
     load_pipeline,
     prog_name,
     require_checkpoint,
     run_command,
 )
 from ldm_jax.images import make_grid, to_pil
+from ldm_jax.sampler_options import check_eta, check_guidance, check_seed, check_strength
 
 DTYPES = ("float32", "bfloat16")
 GRID_NAME = "grid.png"
@@ -70,13 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--sampler",
         choices=tuple(SAMPLERS),
         default="ddim",
-        help="ddim (default), ddpm, plms (epsilon models only), dpm++ (DPM-Solver++ 2M)",
+        help="ddim (default), ddpm, plms (epsilon models only), dpm++ = dpm_solver "
+        "(DPM-Solver++ 2M)",
     )
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1] (default 0)")
     parser.add_argument(
-        "--guidance", type=float, default=7.5, help="classifier-free guidance scale (7.5; <=1 off)"
+        "--guidance",
+        type=float,
+        default=7.5,
+        help="classifier-free guidance scale, finite (7.5; <=1 off)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="random seed in [0, 2**32 - 1] (default 0)"
+    )
     parser.add_argument(
         "--height", type=int, help="image height in pixels, a multiple of the VAE factor (8 for SD)"
     )
@@ -136,9 +145,13 @@ def check_args(args) -> None:
         path = getattr(args, flag)
         if path is not None and not Path(path).expanduser().is_file():
             raise UsageError(f"--{flag.replace('_', '-')} {path} is not a file")
+    check_number(check_guidance, args.guidance, "--guidance")
+    check_number(check_eta, args.eta, "--eta")
+    if args.eta and SAMPLERS[args.sampler] != "ddim":
+        raise UsageError(f"--eta applies to --sampler ddim only, not {args.sampler}")
+    check_number(check_seed, args.seed, "--seed")
     if args.strength is not None:
-        if not 0.0 < args.strength <= 1.0:
-            raise UsageError(f"--strength must be in (0, 1], got {args.strength}")
+        check_number(check_strength, args.strength, "--strength")
         if args.init_image is None:
             raise UsageError("--strength needs --init-image (the image to start from)")
     if args.mask is not None and args.init_image is None:
@@ -152,14 +165,7 @@ def check_args(args) -> None:
         if value is not None and value < 1:
             raise UsageError(f"--{flag} must be positive, got {value}")
     require_checkpoint(args.checkpoint, hint=f"pass {CHECKPOINT_HELP}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a folder")
-    existing = [n for n in [*output_names(args.n), GRID_NAME] if (out / n).exists()]
-    if existing and not args.overwrite:
-        raise UsageError(
-            f"{out} already holds {', '.join(existing)}; pass --overwrite or another --out"
-        )
+    check_output_folder(args.out, [*output_names(args.n), GRID_NAME], args.overwrite)
 
 
 def check_model(args, pipe) -> None:
@@ -171,7 +177,7 @@ def check_model(args, pipe) -> None:
             raise UsageError(f"--{flag} {value} is not a multiple of {f} (the VAE factor)")
     check_task_flags(args, pipe.task)
     prediction = pipe.spec.diffusion.prediction_type
-    if args.sampler == "plms" and prediction not in ("epsilon", "eps"):
+    if SAMPLERS[args.sampler] == "plms" and prediction not in ("epsilon", "eps"):
         raise UsageError(
             f"--sampler plms needs an epsilon model; this one predicts {prediction!r}: "
             "use ddim, ddpm or dpm++"

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ldm_jax.atomic import atomic_output
+from ldm_jax.atomic import atomic_output, folder_kind
 from ldm_jax.data.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -33,6 +33,11 @@ VERSION = "1.0.0"
 METADATA_FILE = "metadata.jsonl"
 CAPTION_KEYS = ("text", "caption")
 _NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]*")
+# what --overwrite may replace: a dataset written before, never an unrelated folder
+_DATASET = folder_kind(
+    "a TFDS dataset folder (with dataset_info.json)",
+    lambda path: (path / "dataset_info.json").is_file(),
+)
 _EXIF_ORIENTATION = 0x0112
 _STORED_AS_IS = {"PNG", "JPEG"}
 EXIT_BAD_INPUT = 2
@@ -220,7 +225,7 @@ def build_image_folder_dataset(
             "it, or choose another --name"
         )
     with (
-        atomic_output(destination, overwrite=overwrite) as temporary,
+        atomic_output(destination, overwrite=overwrite, replaceable=_DATASET) as temporary,
         tempfile.TemporaryDirectory(dir=destination.parent, prefix=".build-") as build_dir,
     ):
         builder = _builder_class(name)(

@@ -23,6 +23,7 @@ The whole loop is one ``lax.scan`` (sampler state in the carry), so ``jax.jit`` 
 once per shape and step count. Samplers: ``ddpm`` (Ho et al. Alg. 2), ``ddim`` (Song et al. eq. 12,
 ``eta``), ``plms`` (Liu et al. PNDM, eps only), ``dpm_solver`` (Lu et al. DPM-Solver++(2M)); each
 matches the corresponding diffusers scheduler step for step (see tests/test_diffusion_samplers.py).
+``SAMPLERS`` also resolves the aliases every entry point accepts (``"dpm++"``: ``dpm_solver``).
 """
 
 from ldm_jax.diffusion import ddim, ddpm, dpm_solver, plms
@@ -44,21 +45,37 @@ from ldm_jax.diffusion.timesteps import (
     previous_timesteps,
     strided_previous_timesteps,
 )
+from ldm_jax.sampler_options import SAMPLER_ALIASES, canonical_sampler
 
-SAMPLERS = {
-    "ddpm": ddpm.sample,
-    "ddim": ddim.sample,
-    "plms": plms.sample,
-    "dpm_solver": dpm_solver.sample,
-}
+
+class _Samplers(dict):
+    """Canonical sampler name -> sample function; lookups (``[]``, ``in``, ``get``) also take the
+    aliases of ``ldm_jax.sampler_options`` (one vocabulary for config, API and CLI), iteration
+    gives each sampler once."""
+
+    def __missing__(self, name):
+        return self[canonical_sampler(name)]  # UnknownSamplerError (a KeyError) naming them all
+
+    def __contains__(self, name):
+        return dict.__contains__(self, SAMPLER_ALIASES.get(name, name))
+
+    def get(self, name, default=None):
+        return dict.get(self, SAMPLER_ALIASES.get(name, name), default)
+
+
+SAMPLERS = _Samplers(
+    ddpm=ddpm.sample, ddim=ddim.sample, plms=plms.sample, dpm_solver=dpm_solver.sample
+)
 
 __all__ = [
     "PREDICTION_TYPES",
     "SAMPLERS",
+    "SAMPLER_ALIASES",
     "SPACINGS",
     "NoiseSchedule",
     "alpha_sigma",
     "as_epsilon_fn",
+    "canonical_sampler",
     "classifier_free_guidance",
     "ddim",
     "ddpm",

@@ -62,6 +62,13 @@ from ldm_jax.diffusion import (
 from ldm_jax.images import to_pil as images_to_pil
 from ldm_jax.latent_diffusion import apply_unet, schedule_from_spec
 from ldm_jax.models.factory import network_modules
+from ldm_jax.sampler_options import (
+    canonical_sampler,
+    check_eta,
+    check_guidance,
+    check_seed,
+    check_strength,
+)
 from ldm_jax.sampling import inputs as pipeline_inputs
 from ldm_jax.sampling import tasks as pipeline_tasks
 from ldm_jax.sampling.tasks import TEXT_CONDITIONINGS, model_task
@@ -186,9 +193,19 @@ class LatentDiffusionPipeline:
         ``callback(i, x)`` (e.g. a progress bar) runs on the host after every sampler iteration
         with the iteration index (int) and the latents (numpy); see ``sampler_iterations``.
         Any callable reuses one compiled function.
+
+        Checked before anything compiles (ValueError naming the argument): ``sampler`` is a key of
+        ``ldm_jax.diffusion.SAMPLERS`` or an alias ("dpm++"), ``guidance_scale`` finite, ``eta`` in
+        [0, 1] and for ddim only, ``seed`` an int in [0, 2**32 - 1] (PRNGKey's distinct seeds).
         """
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+        sampler = canonical_sampler(sampler)  # aliases ("dpm++") share one compiled function
+        guidance_scale, eta = check_guidance(guidance_scale), check_eta(eta)
+        if eta and sampler != "ddim":
+            raise ValueError(f"eta applies to the ddim sampler only (this is {sampler}); pass 0")
+        if strength is not None:
+            strength = check_strength(strength)
+        if rng is None:
+            seed = check_seed(seed)
         if output not in OUTPUTS:
             raise ValueError(f"unknown output {output!r}; choose one of {OUTPUTS}")
         steps = int(num_inference_steps)
@@ -276,6 +293,7 @@ class LatentDiffusionPipeline:
         """(t_N, prev_N or None): the training timesteps a call visits, from the spec's timestep
         settings (prev_N only for the samplers that step to ``t - T // N``: DDIM, PLMS)."""
         steps = int(num_inference_steps)
+        sampler = canonical_sampler(sampler)
         cfg = self.spec.diffusion
         T = self.schedule.num_train_timesteps
         t_N = make_timesteps(steps, T, cfg.timestep_spacing, cfg.steps_offset)
@@ -323,4 +341,4 @@ def sampler_iterations(sampler: str, num_inference_steps: int, strength=None) ->
     steps = int(num_inference_steps)
     if strength is not None:
         steps -= pipeline_inputs.strength_slice(steps, strength)
-    return steps + 1 if sampler == "plms" and steps >= 2 else steps
+    return steps + 1 if canonical_sampler(sampler) == "plms" and steps >= 2 else steps

@@ -46,13 +46,38 @@ def load_config(path: str, arg: str | None = None):
     file = Path(path)
     if not file.is_file():
         raise OverrideError(f"config file {path} does not exist (pass --config configs/<name>.py)")
+    if not file.name.endswith(".py"):
+        raise OverrideError(f"config file {path} is not a Python file (pass --config "
+                            "configs/<name>.py[:arg])")
     spec = importlib.util.spec_from_file_location(f"_ldm_config_{file.stem}", file)
     module = importlib.util.module_from_spec(spec)
     sys.modules.setdefault(spec.name, module)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as error:  # noqa: BLE001 - a user's file: any failure is one line
+        raise OverrideError(f"config file {path} failed to load: {_one_line(error)}") from error
     if not hasattr(module, "get_config"):
         raise OverrideError(f"config file {path} has no get_config() function")
-    return module.get_config(arg) if arg is not None else module.get_config()
+    try:  # e.g. an unknown `:arg` (configs/default.py:foo)
+        return module.get_config(arg) if arg is not None else module.get_config()
+    except Exception as error:  # noqa: BLE001
+        raise OverrideError(f"config file {path}: {_one_line(error)}") from error
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+def config_docstring(path: str) -> str:
+    """The config file's module docstring, read without running the file (for --help)."""
+    import ast  # noqa: PLC0415
+
+    try:
+        tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError) as error:
+        return f"(config file {path} cannot be read: {_one_line(error)})"
+    return ast.get_docstring(tree) or f"(config file {path} has no docstring)"
 
 
 def all_keys(config, prefix: str = "") -> list[str]:

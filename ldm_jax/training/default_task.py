@@ -29,6 +29,7 @@ from ldm_jax.images import make_grid, write_png
 from ldm_jax.spec import ModelSpec, spec_from_dict, spec_to_dict
 from ldm_jax.training import loop
 from ldm_jax.training.autoencoder_task import AutoencoderTask
+from ldm_jax.training.config_checks import check_config, check_stage, sampler_name
 from ldm_jax.training.ldm_task import LDMTask
 
 AUTOENCODER_DIR, FIRST_STAGE_DIR, LDM_DIR = "autoencoder", "first_stage", "ldm"
@@ -70,7 +71,10 @@ class DefaultRun:
 
     def __init__(self, config):
         self.config = config
+        check_config(config)  # stage 2's settings fail here, not after stage 1 has trained
         self.first_config, self.ldm_config = stage_configs(config)
+        for stage in (self.first_config, self.ldm_config):
+            check_stage(stage)
         self.spec = spec_from_dict(_plain(config.model.spec))
         if self.spec.unet is None or self.spec.cond_stage is None:
             raise ValueError("the default run trains a text-to-image LDM: config.model.spec needs "
@@ -81,6 +85,10 @@ class DefaultRun:
         out = stream or sys.stdout
         say = lambda text: print(text, file=out, flush=True)  # noqa: E731
         start = time.perf_counter()
+        if is_complete(self.config, workdir):
+            say(completion_message(self.config, workdir))
+            return loop.RunResult(step=int(self.config.train.num_steps), preempted=False,
+                                  metrics={})
         first_steps, ldm_steps = (int(c.train.num_steps) for c in (self.first_config,
                                                                      self.ldm_config))
         say(f"stage 1/2: autoencoder, {first_steps} steps -> {workdir / AUTOENCODER_DIR}")
@@ -138,7 +146,8 @@ class DefaultRun:
         prompts = [prompts[i % len(prompts)] for i in range(n)]
         pipe = LatentDiffusionPipeline.from_pretrained(model)
         images = np.asarray(pipe(prompts, num_inference_steps=int(sample.steps),
-                                 guidance_scale=float(sample.guidance), sampler=sample.sampler,
+                                 guidance_scale=float(sample.guidance),
+                                 sampler=sampler_name(sample.sampler),
                                  seed=int(self.config.seed)))
         write_png(make_grid(images), path)
         return path, _adherence(images, prompts)
@@ -165,6 +174,23 @@ def next_steps(workdir: Path, guidance: float) -> str:
     return (f"next: python sample.py{flag} --prompt \"{SAMPLE_PROMPT}\" --guidance {guidance:g}\n"
             f"      python -m ldm_jax.eval.adherence --checkpoint {model} --guidance {guidance:g}"
             "  (prompt adherence on the test split)")
+
+
+def is_complete(config, workdir) -> bool:
+    """Both stages at their last step, the model exported and the grid written: a rerun has
+    nothing to do (and must not re-export, re-sample or rewrite config.json)."""
+    workdir = Path(workdir)
+    first_steps = int(config.first_stage.train.num_steps)
+    stage_1 = loop.newest_step(workdir / AUTOENCODER_DIR)
+    return (stage_1 is not None and stage_1 >= first_steps
+            and loop.is_complete(config, workdir / LDM_DIR)
+            and (workdir / MODEL_DIR).is_dir() and (workdir / GRID_NAME).is_file())
+
+
+def completion_message(config, workdir) -> str:
+    workdir = Path(workdir)
+    return (f"the run in {workdir} is already complete (both stages trained, model "
+            f"{workdir / MODEL_DIR}); nothing to do. Use another --workdir for a new run")
 
 
 def _plain(value):

@@ -24,6 +24,7 @@ from ldm_jax.checkpoints.tokenizer import tokenizer_for_spec
 from ldm_jax.images import make_grid
 from ldm_jax.spec import spec_from_dict
 from ldm_jax.training.bound_step import BoundStep
+from ldm_jax.training.config_checks import sampler_name
 from ldm_jax.training.ldm_step import (
     LDMTrainConfig,
     init_ldm_state,
@@ -183,7 +184,7 @@ class LDMTask:
             kwargs["batch_size"] = n
         images = self._pipeline(
             num_inference_steps=int(sample_cfg.get("steps", 25)),
-            sampler=sample_cfg.get("sampler", "ddim"),
+            sampler=sampler_name(sample_cfg.get("sampler", "ddim")),
             guidance_scale=float(sample_cfg.get("guidance", 1.0)),
             rng=rng, **kwargs,
         )

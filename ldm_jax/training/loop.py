@@ -35,6 +35,7 @@ import numpy as np
 from ldm_jax.atomic import atomic_output
 from ldm_jax.training import metrics as metrics_lib
 from ldm_jax.training.checkpointing import Checkpointer
+from ldm_jax.training.config_checks import ConfigError, check_stage
 
 
 class SetupError(ValueError):
@@ -124,16 +125,39 @@ def _check_finite(step: int, metrics: dict) -> None:
         )
 
 
+def newest_step(workdir) -> int | None:
+    """The step of the newest finished checkpoint in workdir/checkpoints (orbax names a finished
+    step's folder by its number; unfinished saves carry a suffix), without opening orbax."""
+    folder = Path(workdir) / "checkpoints"
+    if not folder.is_dir():
+        return None
+    steps = [int(p.name) for p in folder.iterdir() if p.name.isdigit() and p.is_dir()]
+    return max(steps, default=None)
+
+
+def is_complete(config, workdir) -> bool:
+    """Whether workdir already holds the checkpoint of config.train.num_steps (or a later one)."""
+    step = newest_step(workdir)
+    return step is not None and step >= int(config.train.num_steps)
+
+
 def run(config, workdir, task, *, stream=None) -> RunResult:
-    """Train `task` for config.train.num_steps steps in `workdir`, resuming from its checkpoints."""
+    """Train `task` for config.train.num_steps steps in `workdir`, resuming from its checkpoints.
+
+    A finished workdir takes no step and keeps its config.json (the record of what was trained)."""
     train = config.train
     workdir = Path(workdir).absolute()
+    try:
+        check_stage(config)
+    except ConfigError as error:
+        raise SetupError(str(error)) from error
     try:  # the data first: a missing dataset is reported before anything is written or compiled
         batches = task.make_iterator()
     except (ValueError, FileNotFoundError, NotADirectoryError) as error:
         raise SetupError(str(error)) from error
     workdir.mkdir(parents=True, exist_ok=True)
-    save_config(config, workdir)
+    if not is_complete(config, workdir):
+        save_config(config, workdir)
     main = jax.process_index() == 0
     writer = metrics_lib.MetricWriter(workdir, enabled=main, stream=stream)
     checkpointer = Checkpointer(

@@ -16,7 +16,10 @@ def check_global_batch(global_batch_size: int, mesh) -> int:
     """The global batch must split evenly over the data-parallel devices; returns the per-device
     batch."""
     dp = data_parallel_size(mesh)
-    if global_batch_size < 1 or global_batch_size % dp:
+    if global_batch_size < 1:
+        raise ValueError(f"data.global_batch_size={global_batch_size} must be >= 1 (a multiple "
+                         f"of the data-parallel size {dp})")
+    if global_batch_size % dp:
         axes = {a: mesh.shape[a] for a in mesh.axis_names}
         raise ValueError(
             f"data.global_batch_size={global_batch_size} is not divisible by the data-parallel "

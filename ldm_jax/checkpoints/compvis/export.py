@@ -12,27 +12,43 @@ from pathlib import Path
 
 import safetensors.numpy
 
-from ldm_jax.atomic import atomic_output
+from ldm_jax.atomic import Replaceable, atomic_output
 from ldm_jax.checkpoints.contents import CheckpointContents
 from ldm_jax.spec import spec_to_dict
 
 SPEC_METADATA_KEY = "ldm_jax_spec"
+# what overwrite may replace: another checkpoint file, never a folder or a file of another kind
+COMPVIS_FILE = Replaceable(
+    "a .safetensors file", lambda path: path.is_file() and path.suffix == ".safetensors"
+)
 
 
-def save_compvis(
-    checkpoint: CheckpointContents, destination: str | os.PathLike, *, overwrite=False
-) -> Path:
-    """Write `checkpoint` to `destination` (a .safetensors path), atomically."""
-    from ldm_jax.checkpoints.compvis.checkpoint_table import compvis_checkpoint_table  # noqa: PLC0415
-
+def check_compvis_suffix(destination: str | os.PathLike) -> Path:
     destination = Path(destination)
     if destination.suffix != ".safetensors":
         raise ValueError(
             f"CompVis export writes a single .safetensors file; got destination {destination} "
             "(pickled .ckpt files are not written: they need torch and execute code on load)"
         )
+    return destination
+
+
+def save_compvis(
+    checkpoint: CheckpointContents,
+    destination: str | os.PathLike,
+    *,
+    overwrite=False,
+    protect=(),
+) -> Path:
+    """Write `checkpoint` to `destination` (a .safetensors path), atomically; `overwrite`
+    replaces only a .safetensors file, never a `protect`ed path (see `ldm_jax.atomic`)."""
+    from ldm_jax.checkpoints.compvis.checkpoint_table import compvis_checkpoint_table  # noqa: PLC0415
+
+    destination = check_compvis_suffix(destination)
     tensors = compvis_checkpoint_table(checkpoint.spec).to_torch(checkpoint.params)
     metadata = {"format": "pt", SPEC_METADATA_KEY: json.dumps(spec_to_dict(checkpoint.spec))}
-    with atomic_output(destination, overwrite=overwrite) as temporary:
+    with atomic_output(
+        destination, overwrite=overwrite, replaceable=COMPVIS_FILE, protect=protect
+    ) as temporary:
         safetensors.numpy.save_file(tensors, str(temporary), metadata=metadata)
     return destination

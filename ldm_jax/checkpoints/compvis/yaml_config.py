@@ -75,7 +75,7 @@ def read_yaml_config(config: Any) -> dict[str, Any]:
                 data = yaml.safe_load(f)
         except OSError as error:
             raise ArchitectureError(f"cannot read the yaml config {name}: {error}") from None
-        except yaml.YAMLError as error:
+        except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as error:
             raise ArchitectureError(f"{name} is not valid YAML: {error}") from None
     if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
         raise ArchitectureError(f"{name} is not a CompVis model config (no 'model:' section)")
@@ -87,8 +87,20 @@ def spec_from_yaml(config: Any, state_dict: Mapping[str, Any] | None = None):
 
     Text encoders configured by name only (FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder) take their
     sizes from the checkpoint's shapes when `state_dict` holds them, else from the presets.
+    A section or value of an unexpected type is an ArchitectureError, like any unsupported one.
     """
     model = read_yaml_config(config)["model"]
+    try:
+        return _spec_from_model(model, state_dict)
+    except ArchitectureError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, ArithmeticError) as error:
+        name = "the config mapping" if isinstance(config, Mapping) else str(config)
+        what = f"lacks {error}" if isinstance(error, KeyError) else f"is unsupported ({error})"
+        raise ArchitectureError(f"the yaml config {name} {what}") from None
+
+
+def _spec_from_model(model: Mapping[str, Any], state_dict: Mapping[str, Any] | None):
     target, params = model.get("target"), model.get("params") or {}
     if target in _KL + _VQ:
         return CompVisArchitecture(ModelSpec(first_stage=_first_stage(model)), source="yaml")

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import safetensors.numpy
 
-from ldm_jax.atomic import atomic_output
+from ldm_jax.atomic import atomic_output, folder_kind
 from ldm_jax.checkpoints.contents import CheckpointContents
 from ldm_jax.checkpoints.diffusers.autoencoder import (
     autoencoder_kl_table,
@@ -37,16 +37,28 @@ from ldm_jax.spec import CLIP_TEXT_CONDITIONINGS, ModelSpec
 # Written as the version of the format; diffusers only warns about a newer or older one.
 DIFFUSERS_FORMAT_VERSION = "0.30.0"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
+# what overwrite may replace: another diffusers pipeline folder, never an unrelated folder
+DIFFUSERS_FOLDER = folder_kind(
+    "a diffusers checkpoint folder (with model_index.json)",
+    lambda path: (path / "model_index.json").is_file(),
+)
 
 
 def save_diffusers(
-    checkpoint: CheckpointContents, destination: str | os.PathLike, *, overwrite=False
+    checkpoint: CheckpointContents,
+    destination: str | os.PathLike,
+    *,
+    overwrite=False,
+    protect=(),
 ) -> Path:
-    """Write a diffusers pipeline folder at `destination` (atomically)."""
+    """Write a diffusers pipeline folder at `destination` (atomically); `overwrite` replaces only
+    a diffusers folder, never a `protect`ed path (see `ldm_jax.atomic`)."""
     spec, params = checkpoint.spec, checkpoint.params
     pipeline = _pipeline_class(spec)
     scheduler = scheduler_config(spec.diffusion, DIFFUSERS_FORMAT_VERSION)  # refuses before writing
-    with atomic_output(destination, overwrite=overwrite) as folder:
+    with atomic_output(
+        destination, overwrite=overwrite, replaceable=DIFFUSERS_FOLDER, protect=protect
+    ) as folder:
         folder.mkdir()
         unet_class, unet_kwargs = diffusers_unet_config(spec.unet)
         unet_kwargs["sample_size"] = spec.diffusion.latent_size

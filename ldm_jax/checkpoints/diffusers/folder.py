@@ -8,6 +8,7 @@ weights (`diffusion_pytorch_model.safetensors` or `model.safetensors`, possibly 
 (unknown or unsupported options are an error, never silently dropped).
 """
 
+import contextlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,14 +27,26 @@ from ldm_jax.checkpoints.diffusers.scheduler import (
 )
 from ldm_jax.checkpoints.diffusers.unet import diffusers_unet_table
 from ldm_jax.checkpoints.diffusers.unet_config import unet_config_from_diffusers
-from ldm_jax.checkpoints.errors import ArchitectureError, CheckpointFileError
+from ldm_jax.checkpoints.errors import (
+    ArchitectureError,
+    CheckpointFileError,
+    CheckpointMismatchError,
+)
 from ldm_jax.checkpoints.files import MergedTensorFiles, open_tensor_file, read_params
 from ldm_jax.checkpoints.transformers_clip import clip_text_key_table, detect_prefix
+from ldm_jax.checkpoints.validate import (
+    AUTOENCODER_FIELDS,
+    CLIP_TEXT_FIELDS,
+    LDM_BERT_FIELDS,
+    UNET_FIELDS,
+    check_against_tensors,
+    check_fields,
+)
 from ldm_jax.models.clip_text import CLIPTextConfig
 from ldm_jax.models.factory import abstract_checkpoint_params
 from ldm_jax.models.ldm_bert import LDMBertConfig
 from ldm_jax.models.vq import VQConfig
-from ldm_jax.spec import CondStageSpec, ModelSpec
+from ldm_jax.spec import CondStageSpec, ModelSpec, validate_spec
 
 MODEL_INDEX = "model_index.json"
 FIRST_STAGE_FOLDERS = ("vae", "vqvae")
@@ -73,13 +86,28 @@ def weight_files(folder: Path) -> list[Path]:
             return [folder / name]
         if index.is_file():
             weight_map = read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict):
+            if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointFileError(f"{index} has no 'weight_map'")
-            return [folder / shard for shard in sorted(set(weight_map.values()))]
+            return [_shard(index, shard) for shard in sorted(set(map(str, weight_map.values())))]
     raise CheckpointFileError(
         f"{folder} holds no weights; expected one of {', '.join(WEIGHT_FILES)} "
         "(or a sharded '.index.json' of them)"
     )
+
+
+def _shard(index: Path, name: str) -> Path:
+    """A shard file named by an index: a plain file name inside the index's folder (a hub repo
+    must not point the loader at other files, through `..`, absolute paths or symlinks)."""
+    folder = index.parent
+    path = folder / name
+    inside = folder.resolve()
+    if name in ("", ".", "..") or "/" in name or "\\" in name or Path(name).is_absolute():
+        inside = None
+    if inside is None or path.resolve().parent != inside:
+        raise CheckpointFileError(
+            f"{index}: shard {name!r} is not allowed; allowed: the name of a file in {folder}"
+        )
+    return path
 
 
 def open_weights(folder: Path) -> MergedTensorFiles:
@@ -141,30 +169,54 @@ def ldm_bert_config_from_diffusers(config: Mapping[str, Any], logits_head: bool)
     )
 
 
+def _translate(path: Path, fields: Mapping[str, str], convert, *args):
+    """`convert(config, *args)` of the JSON at `path`, its fields checked first; every failure
+    is one ArchitectureError naming the file."""
+    config = read_json(path)
+    check_fields(config, fields, path)
+    try:
+        return config, convert(config, *args)
+    except ArchitectureError as error:
+        raise ArchitectureError(f"{path}: {error}") from None
+    except (TypeError, ValueError, KeyError, IndexError, ArithmeticError) as error:
+        what = f"missing field {error}" if isinstance(error, KeyError) else str(error)
+        raise ArchitectureError(f"{path}: unsupported config ({what})") from None
+
+
 def load_diffusers_folder(folder: str | Path, *, dtype=None) -> tuple[ModelSpec, dict, Path]:
     """(spec, params {"unet", "first_stage", "cond_stage"}, tokenizer folder or None)."""
     folder = Path(folder)
+    with contextlib.ExitStack() as stack:
+        return _load(folder, dtype, stack)
+
+
+def _load(folder: Path, dtype, stack: contextlib.ExitStack):
     index = read_json(folder / MODEL_INDEX)
     fs_name = _component(folder, index, FIRST_STAGE_FOLDERS)
     if fs_name is None or _component(folder, index, ("unet",)) is None:
         raise CheckpointFileError(
             f"{folder / MODEL_INDEX} must list a 'unet' and a 'vae' or 'vqvae' component"
         )
-    fs_config = read_json(folder / fs_name / "config.json")
-    first_stage = config_from_diffusers(fs_config)
-    unet_json = read_json(folder / "unet" / "config.json")
-    unet = unet_config_from_diffusers(unet_json)
+    fs_json = folder / fs_name / "config.json"
+    fs_config, first_stage = _translate(fs_json, AUTOENCODER_FIELDS, config_from_diffusers)
+    unet_path = folder / "unet" / "config.json"
+    unet_json, unet = _translate(unet_path, UNET_FIELDS, unet_config_from_diffusers)
+    weights = {"unet": stack.enter_context(open_weights(folder / "unet"))}
+    weights["first_stage"] = stack.enter_context(open_weights(folder / fs_name))
 
-    cond, text_name, text_weights = None, _component(folder, index, TEXT_FOLDERS), None
+    cond, text_name = None, _component(folder, index, TEXT_FOLDERS)
     if text_name is not None:
-        text_weights = open_weights(folder / text_name)
-        text_config = read_json(folder / text_name / "config.json")
+        text_weights = weights["cond_stage"] = stack.enter_context(
+            open_weights(folder / text_name)
+        )
+        text_json = folder / text_name / "config.json"
         if text_name == "bert":
             logits = "to_logits.weight" in text_weights
-            bert = ldm_bert_config_from_diffusers(text_config, logits)
+            _, bert = _translate(text_json, LDM_BERT_FIELDS, ldm_bert_config_from_diffusers, logits)
             cond = CondStageSpec("ldm_bert", bert, trainable=True)  # trained with the UNet
         else:
-            cond = CondStageSpec(*text_config_from_transformers(text_config))
+            _, (kind, text) = _translate(text_json, CLIP_TEXT_FIELDS, text_config_from_transformers)
+            cond = CondStageSpec(kind, text)
 
     latent = first_stage.embed_dim
     concat = None
@@ -192,26 +244,34 @@ def load_diffusers_folder(folder: str | Path, *, dtype=None) -> tuple[ModelSpec,
     except ArchitectureError as error:
         raise ArchitectureError(f"{scheduler_file}: {error}") from None
     spec = ModelSpec(first_stage=first_stage, unet=unet, cond_stage=cond, diffusion=diffusion)
-
-    abstract = abstract_checkpoint_params(spec)
-    fs_table = vq_model_table if isinstance(first_stage, VQConfig) else autoencoder_kl_table
-    params = {
-        "unet": _read(folder / "unet", diffusers_unet_table(unet), abstract["unet"], dtype),
-        "first_stage": _read(
-            folder / fs_name, fs_table(first_stage), abstract["first_stage"], dtype
-        ),
-    }
+    try:
+        validate_spec(spec, "spec")
+    except ValueError as error:
+        raise ArchitectureError(f"{folder}: the configs give an unsupported {error}") from None
+    checks = [(unet, "unet", "unet"), (first_stage, "first_stage", fs_name)]
     if cond is not None:
-        if cond.kind == "ldm_bert":
-            table = ldm_bert_key_table(cond.config)
-        else:
-            table = clip_text_key_table(cond.config, detect_prefix(text_weights))
-        with text_weights:
-            params["cond_stage"] = read_params(table, text_weights, abstract["cond_stage"], dtype)
+        checks.append((cond.config, "cond_stage", text_name))
+    for config, name, subfolder in checks:  # before any shape is built from the configs
+        check_against_tensors(config, weights[name], folder / subfolder / "config.json")
+
+    try:  # configs whose fields pass but do not fit together are the folder's fault
+        abstract = abstract_checkpoint_params(spec)
+        fs_table = vq_model_table if isinstance(first_stage, VQConfig) else autoencoder_kl_table
+        tables = {"unet": diffusers_unet_table(unet), "first_stage": fs_table(first_stage)}
+        if cond is not None and cond.kind == "ldm_bert":
+            tables["cond_stage"] = ldm_bert_key_table(cond.config)
+        elif cond is not None:
+            tables["cond_stage"] = clip_text_key_table(cond.config, detect_prefix(text_weights))
+    except (TypeError, ValueError, IndexError, KeyError, ArithmeticError) as error:
+        if isinstance(error, ArchitectureError | CheckpointFileError | CheckpointMismatchError):
+            raise
+        raise ArchitectureError(f"{folder}: unsupported architecture ({error})") from None
+    sources = {"unet": "unet", "first_stage": fs_name, "cond_stage": text_name}
+    params = {
+        name: read_params(
+            table, weights[name], abstract[name], dtype, source=str(folder / sources[name])
+        )
+        for name, table in tables.items()
+    }
     tokenizer = folder / "tokenizer"
     return spec, params, tokenizer if tokenizer.is_dir() else None
-
-
-def _read(folder: Path, table, abstract, dtype) -> dict:
-    with open_weights(folder) as state_dict:
-        return read_params(table, state_dict, abstract, dtype, source=str(folder))

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ldm_jax.checkpoints.errors import ArchitectureError, UnsupportedExportError
+from ldm_jax.checkpoints.validate import SCHEDULER_FIELDS, check_fields
 from ldm_jax.spec import DiffusionSpec
 
 SCHEDULER_FOLDER = "scheduler"
@@ -30,6 +31,7 @@ DIFFUSERS_TIMESTEP_DEFAULTS = {
 def diffusion_from_scheduler(config: Mapping[str, Any], **kwargs) -> DiffusionSpec:
     """DiffusionSpec from a diffusers scheduler config (+ scale_factor, conditioning_key,
     concat_input, latent_size)."""
+    check_fields(config, SCHEDULER_FIELDS, "scheduler config")
     if config.get("trained_betas") is not None:
         raise ArchitectureError("schedulers with trained_betas are not supported")
     schedule = config.get("beta_schedule", "linear")
@@ -58,7 +60,7 @@ def diffusion_from_scheduler(config: Mapping[str, Any], **kwargs) -> DiffusionSp
             **timesteps,
             **kwargs,
         )
-    except ValueError as error:  # steps_offset / set_alpha_to_one of the wrong type
+    except (TypeError, ValueError) as error:  # a value DiffusionSpec refuses
         raise ArchitectureError(f"scheduler config: {error}") from None
 
 

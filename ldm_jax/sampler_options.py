@@ -1,0 +1,89 @@
+"""The sampling options every entry point takes (pipeline, CLIs, training configs), checked once.
+
+One sampler vocabulary: the canonical names are ``ldm_jax.diffusion.SAMPLERS``' keys and each
+alias (the CLI's ``dpm++``) means one of them, whichever entry point it is given to. The number
+checks turn values that would sample silently wrong (nan or inf guidance: guidance off or black
+images; eta > 1: nan) or fail late (a seed JAX cannot take) into one ValueError before anything
+is compiled.
+
+Pure Python (no jax) so the CLIs answer bad input at once.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+SAMPLER_NAMES = ("ddim", "ddpm", "plms", "dpm_solver")  # ldm_jax.diffusion.SAMPLERS' keys
+SAMPLER_ALIASES = {"dpm++": "dpm_solver"}
+ALL_SAMPLER_NAMES = (*SAMPLER_NAMES, *SAMPLER_ALIASES)  # what every entry point accepts
+# seeds are PRNGKey(seed): with JAX's default 32-bit ints only the low 32 bits count (2**32 would
+# repeat seed 0's images) and Python ints past int64 overflow, so seeds are 32-bit and unsigned
+MAX_SEED = 2**32 - 1
+
+
+class UnknownSamplerError(ValueError, KeyError):
+    """An unknown sampler name: a ValueError, and a KeyError for registry lookups."""
+
+    __str__ = ValueError.__str__  # not KeyError's repr-quoted message
+
+
+def canonical_sampler(name) -> str:
+    """The canonical name (a ``ldm_jax.diffusion.SAMPLERS`` key) of a sampler name or alias."""
+    if isinstance(name, str):
+        if name in SAMPLER_NAMES:
+            return name
+        if name in SAMPLER_ALIASES:
+            return SAMPLER_ALIASES[name]
+    aliases = ", ".join(f"{a} = {c}" for a, c in SAMPLER_ALIASES.items())
+    raise UnknownSamplerError(
+        f"unknown sampler {name!r}; choose one of {', '.join(SAMPLER_NAMES)} (aliases: {aliases})"
+    )
+
+
+def _number(value, name: str) -> float:
+    if isinstance(value, (bool, str, bytes)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    try:  # Python, numpy and jax scalars
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    return value
+
+
+def check_guidance(value, name: str = "guidance_scale") -> float:
+    """A finite guidance scale (<= 1 means no guidance)."""
+    return _number(value, name)
+
+
+def check_eta(value, name: str = "eta") -> float:
+    """A DDIM eta in [0, 1] (0: deterministic, 1: the DDPM posterior variance; above 1 the step's
+    noise exceeds the variance left and DDIM's update is nan)."""
+    eta = _number(value, name)
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1] (0 = deterministic DDIM), got {eta}")
+    return eta
+
+
+def check_strength(value, name: str = "strength") -> float:
+    """An image-to-image strength in (0, 1]."""
+    strength = _number(value, name)
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1], got {strength}")
+    return strength
+
+
+def check_seed(value, name: str = "seed") -> int:
+    """An integer seed in [0, MAX_SEED]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        if getattr(getattr(value, "dtype", None), "kind", None) not in ("i", "u"):  # numpy/jax
+            raise ValueError(f"{name} must be an integer in [0, 2**32 - 1], got {value!r}")
+    try:
+        seed = int(value)
+    except TypeError:  # an array of several
+        raise ValueError(f"{name} must be an integer in [0, 2**32 - 1], got {value!r}") from None
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"{name} must be in [0, 2**32 - 1] ({MAX_SEED}), got {seed}")
+    return seed

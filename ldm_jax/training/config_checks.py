@@ -1,0 +1,91 @@
+"""The checks a training config passes before any work starts (data, compile, or a write).
+
+A bad value found after a stage has trained costs that stage's time (the default run's sampling
+settings used to fail only after both stages), so train.py checks every stage's config up front:
+step and batch counts, and the sample settings (sampler name, steps, guidance) the run will use.
+Each failure is one ConfigError naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A config value is out of range or of the wrong type."""
+
+
+def sampler_name(name) -> str:
+    """The ldm_jax.diffusion.SAMPLERS key of a config's sampler name (aliases such as "dpm++":
+    one vocabulary for config, API and CLI, ldm_jax/sampler_options.py)."""
+    from ldm_jax.sampler_options import canonical_sampler  # noqa: PLC0415
+
+    try:
+        return canonical_sampler(name)
+    except ValueError as error:
+        raise ConfigError(f"sample.sampler: {error}") from None
+
+
+def _integer(config, key: str, minimum: int) -> None:
+    value = _get(config, key)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key}={value!r} must be an integer >= {minimum}")
+    if value < minimum:
+        raise ConfigError(f"{key}={value} must be >= {minimum}")
+
+
+def _get(config, key: str):
+    node = config
+    for part in key.split("."):
+        if not (hasattr(node, "keys") and part in node.keys()):
+            return None
+        node = node[part]
+    return node
+
+
+def check_sample(config) -> None:
+    """config.sample: a known sampler, steps >= 1, finite guidance, num_images >= 0."""
+    if _get(config, "sample") is None:
+        return
+    sampler = _get(config, "sample.sampler")
+    if sampler is not None:
+        sampler_name(sampler)
+    _integer(config, "sample.steps", 1)
+    _integer(config, "sample.num_images", 0)
+    guidance = _get(config, "sample.guidance")
+    if guidance is not None:
+        if isinstance(guidance, bool) or not isinstance(guidance, int | float) or not (
+            math.isfinite(guidance)
+        ):
+            raise ConfigError(f"sample.guidance={guidance!r} must be a finite number "
+                              "(1: no classifier-free guidance)")
+
+
+def check_stage(config) -> None:
+    """One loop's config: steps, batch and sample settings."""
+    _integer(config, "train.num_steps", 1)
+    _integer(config, "data.global_batch_size", 1)
+    _integer(config, "optimizer.grad_accum_steps", 1)
+    check_sample(config)
+
+
+def check_config(config) -> None:
+    """Every stage of the run `config` describes (the default run: both stages), before any work."""
+    if config.get("trainer", None) == "default" and "first_stage" in config:
+        _integer(config, "first_stage.global_batch_size", 1)
+        _integer(config, "first_stage.train.num_steps", 1)
+    check_stage(config)
+
+
+def check_workdir(workdir) -> None:
+    """The workdir is a folder, or can become one (no file at it or above it)."""
+    path = Path(workdir).absolute()
+    for place in (path, *path.parents):
+        if place.exists():
+            if not place.is_dir():
+                what = "is" if place == path else f"is inside {place}, which is"
+                raise ConfigError(f"--workdir {workdir} {what} a file, not a folder")
+            return
