@@ -12,8 +12,9 @@ import safetensors.numpy
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.checkpoint_files import export_compvis, with_value
 from support.tiny_pipelines import sd_pipeline
-from test_untrusted_files import TINY_SPEC, _with
+from support.tiny_specs import SD1_LIKE
 
 from ldm_jax.checkpoints import load_checkpoint
 from ldm_jax.checkpoints.compvis.export import SPEC_METADATA_KEY
@@ -75,21 +76,14 @@ def _mutations(base: dict, fields=None):
     walk(base, ())
     if fields:
         paths += [(name,) for name in fields]
-    return st.tuples(st.sampled_from(paths), json_values).map(lambda pv: _with(base, *pv))
+    return st.tuples(st.sampled_from(paths), json_values).map(lambda pv: with_value(base, *pv))
 
 
 @pytest.fixture(scope="module")
 def tiny_file(tmp_path_factory):
     """(path, tensors) of a small file holding the tiny model's tensor names and shapes."""
-    from support.tiny_specs import random_params
-
-    from ldm_jax.checkpoints.compvis.export import save_compvis
-    from ldm_jax.checkpoints.contents import CheckpointContents
-
     path = tmp_path_factory.mktemp("tiny") / "tiny.safetensors"
-    save_compvis(CheckpointContents(TINY_SPEC, random_params(TINY_SPEC), None), path)
-    with open_tensor_file(path) as f:
-        tensors = {k: f[k] for k in f}
+    tensors, _ = export_compvis(SD1_LIKE, path)
     return path, tensors
 
 
@@ -128,7 +122,7 @@ def test_arbitrary_json_as_spec_metadata(tmp_path, tiny_file, spec):
 
 
 @SLOW_FUZZ
-@given(spec=_mutations(spec_to_dict(TINY_SPEC)))
+@given(spec=_mutations(spec_to_dict(SD1_LIKE)))
 def test_mutated_spec_metadata(tmp_path, tiny_file, spec):
     path = tmp_path / "x.safetensors"
     metadata = {SPEC_METADATA_KEY: json.dumps(spec)}

@@ -76,8 +76,8 @@ def test_a_positional_argument_is_an_error_not_the_default_run(tmp_path, monkeyp
         # stage 2's sampling settings: once found only after both stages had trained
         ("--config.sample.sampler=euler", "unknown sampler 'euler'"),
         ("--config.sample.steps=0", "sample.steps=0 must be >= 1"),
-        ("--config.sample.guidance=nan", "sample.guidance=nan must be a finite number"),
-        ("--config.sample.guidance=inf", "sample.guidance=inf must be a finite number"),
+        ("--config.sample.guidance=nan", "sample.guidance must be a finite number, got nan"),
+        ("--config.sample.guidance=inf", "sample.guidance must be a finite number, got inf"),
     ],
 )
 def test_the_default_runs_config_is_checked_before_any_work(tmp_path, capsys, override, message):

@@ -9,33 +9,22 @@ import time
 import pytest
 import safetensors.numpy
 import torch
+from support.checkpoint_files import export_compvis, with_value
 from support.tiny_pipelines import sd_pipeline
-from support.tiny_specs import random_params
+from support.tiny_specs import SD1_LIKE
 
 from ldm_jax.checkpoints import load_checkpoint
-from ldm_jax.checkpoints.compvis.export import SPEC_METADATA_KEY, save_compvis
-from ldm_jax.checkpoints.contents import CheckpointContents
+from ldm_jax.checkpoints.compvis.export import SPEC_METADATA_KEY
 from ldm_jax.checkpoints.errors import ArchitectureError, CheckpointFileError
 from ldm_jax.checkpoints.files import open_tensor_file
 from ldm_jax.checkpoints.load import is_hub_id
 from ldm_jax.cli.common import exists_or_hub_id
-from ldm_jax.presets.tiny import TINY_CLIP_TEXT, TINY_UNET, TINY_VAE
-from ldm_jax.spec import CondStageSpec, ModelSpec
-
-TINY_SPEC = ModelSpec(
-    first_stage=TINY_VAE, unet=TINY_UNET, cond_stage=CondStageSpec("clip", TINY_CLIP_TEXT)
-)
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """(tensors, spec dict) of a tiny ldm_jax CompVis export."""
-    path = tmp_path_factory.mktemp("export") / "tiny.safetensors"
-    save_compvis(CheckpointContents(TINY_SPEC, random_params(TINY_SPEC), None), path)
-    with open_tensor_file(path) as f:
-        tensors = {k: f[k] for k in f}
-        spec = json.loads(f.extras[SPEC_METADATA_KEY])
-    return tensors, spec
+    return export_compvis(SD1_LIKE, tmp_path_factory.mktemp("export") / "tiny.safetensors")
 
 
 def _write(path, tensors, spec_data):
@@ -43,15 +32,6 @@ def _write(path, tensors, spec_data):
     metadata = {SPEC_METADATA_KEY: text}
     safetensors.numpy.save_file(tensors, str(path), metadata=metadata)
     return path
-
-
-def _with(spec, where, value):
-    spec = json.loads(json.dumps(spec))
-    node = spec
-    for key in where[:-1]:
-        node = node[key]
-    node[where[-1]] = value
-    return spec
 
 
 @pytest.mark.parametrize(
@@ -69,7 +49,7 @@ def _with(spec, where, value):
 )
 def test_spec_metadata_of_the_wrong_type_is_one_error(tmp_path, exported, where, value, named):
     tensors, spec = exported
-    path = _write(tmp_path / "bad.safetensors", tensors, _with(spec, where, value))
+    path = _write(tmp_path / "bad.safetensors", tensors, with_value(spec, where, value))
     with pytest.raises(CheckpointFileError) as info:
         load_checkpoint(path)
     message = str(info.value)
@@ -85,13 +65,13 @@ def test_spec_metadata_that_is_no_spec_is_one_error(tmp_path, exported, data):
 
 def test_spec_metadata_declaring_a_huge_network_fails_at_once(tmp_path, exported):
     tensors, spec = exported
-    huge = _with(spec, ("cond_stage", "config", "num_layers"), 10**6)
+    huge = with_value(spec, ("cond_stage", "config", "num_layers"), 10**6)
     path = _write(tmp_path / "huge.safetensors", tensors, huge)
     start = time.perf_counter()
     with pytest.raises(ArchitectureError, match=r"1000000 layers .*num_layers.* only \d+ tensors"):
         load_checkpoint(path)
     assert time.perf_counter() - start < 5
-    wide = _with(spec, ("unet", "model_channels"), 2**22)
+    wide = with_value(spec, ("unet", "model_channels"), 2**22)
     path = _write(tmp_path / "wide.safetensors", tensors, wide)
     with pytest.raises(ArchitectureError, match="model_channels=4194304 but the largest tensor"):
         load_checkpoint(path)

@@ -5,6 +5,7 @@ Format modules (compvis/, diffusers/, orbax.py) build and consume this plain rec
 """
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 from ldm_jax.spec import ModelSpec
@@ -15,3 +16,6 @@ class CheckpointContents:
     spec: ModelSpec
     params: dict[str, Any]  # {"unet", "first_stage", "cond_stage"}: plain pytrees; absent = no net
     tokenizer: Any = None  # a tokenizer object from ldm_jax.tokenizers, when the model takes text
+    # the local file or folder it was read from (None otherwise): saving never replaces it or a
+    # folder around it
+    source: Path | None = dataclasses.field(default=None, compare=False)

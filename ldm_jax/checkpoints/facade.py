@@ -5,7 +5,8 @@
     ckpt.save_pretrained("out/sd15", format="diffusers")
 
 Readers and writers of each format work on `CheckpointContents`; this module adds the entry points
-on top of them, so the import arrows run one way (facade -> load/save -> formats).
+on top of them (`save_checkpoint` is `ldm_jax.checkpoints.save`'s one writer), so the import arrows
+run one way (facade -> load/save -> formats).
 """
 
 import os
@@ -14,16 +15,12 @@ from pathlib import Path
 
 from ldm_jax.checkpoints.contents import CheckpointContents
 from ldm_jax.checkpoints.load import read_checkpoint
-from ldm_jax.checkpoints.save import write_checkpoint
+from ldm_jax.checkpoints.save import save_checkpoint
 
 
 class LatentDiffusionCheckpoint(CheckpointContents):
-    """A model spec, its parameter tree and its tokenizer, with the load/save entry points.
-
-    `source`: the local file or folder it was loaded from (None otherwise); saving never
-    replaces it or a folder around it."""
-
-    source: Path | None = None
+    """A model spec, its parameter tree and its tokenizer (and `source`, where it was loaded
+    from), with the load/save entry points."""
 
     @classmethod
     def from_pretrained(cls, path_or_id, **kwargs) -> "LatentDiffusionCheckpoint":
@@ -49,27 +46,10 @@ def load_checkpoint(path_or_id, **kwargs) -> LatentDiffusionCheckpoint:
     """Read any supported source; keyword arguments as `ldm_jax.checkpoints.load.read_checkpoint`
     (dtype, use_ema, config, prediction_type, tokenizer)."""
     contents = read_checkpoint(path_or_id, **kwargs)
-    checkpoint = LatentDiffusionCheckpoint(contents.spec, contents.params, contents.tokenizer)
-    if isinstance(path_or_id, str | os.PathLike) and os.path.lexists(path_or_id):
-        checkpoint.source = Path(path_or_id)  # protected when saving (see save_checkpoint)
-    return checkpoint
-
-
-def save_checkpoint(
-    checkpoint: CheckpointContents,
-    destination: str | os.PathLike,
-    *,
-    format: str,  # noqa: A002 - the name users expect (save_pretrained(..., format=...))
-    overwrite: bool = False,
-    protect: Iterable[str | os.PathLike | None] = (),
-) -> Path:
-    """Write `checkpoint` as a diffusers folder, a CompVis .safetensors file or an orbax folder
-    (see `ldm_jax.checkpoints.save.write_checkpoint`).
-
-    `overwrite` replaces only a checkpoint of the same format (or an empty folder). The
-    destination may not be, contain or lie inside any `protect`ed path, nor the checkpoint's
-    `source` (where `load_checkpoint` read it from)."""
-    protect = (*protect, getattr(checkpoint, "source", None))
-    return write_checkpoint(
-        checkpoint, destination, format=format, overwrite=overwrite, protect=protect
+    local = isinstance(path_or_id, str | os.PathLike) and os.path.lexists(path_or_id)
+    return LatentDiffusionCheckpoint(
+        contents.spec,
+        contents.params,
+        contents.tokenizer,
+        source=Path(path_or_id) if local else None,  # protected when saving
     )

@@ -1,17 +1,21 @@
-"""`write_checkpoint(contents, destination, format=...)`: the one writer every export goes through
-(`ldm_jax.checkpoints.save_checkpoint` and `save_pretrained` call it)."""
+"""`save_checkpoint(contents, destination, format=...)`: the one writer every export goes through
+(`LatentDiffusionCheckpoint.save_pretrained` and the converter call it)."""
 
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from ldm_jax.atomic import check_destination
+from ldm_jax.checkpoints.compvis.export import COMPVIS_FILE, check_compvis_suffix, save_compvis
 from ldm_jax.checkpoints.contents import CheckpointContents
+from ldm_jax.checkpoints.diffusers.export import DIFFUSERS_FOLDER, save_diffusers
+from ldm_jax.checkpoints.orbax import ORBAX_FOLDER, save_orbax
 from ldm_jax.spec import CLIP_TEXT_CONDITIONINGS
 
 EXPORT_FORMATS = ("diffusers", "compvis", "orbax")
 
 
-def write_checkpoint(
+def save_checkpoint(
     checkpoint: CheckpointContents,
     destination: str | os.PathLike,
     *,
@@ -24,22 +28,17 @@ def write_checkpoint(
     Writes are atomic: on any failure nothing is left at `destination`. An existing destination
     is an error unless `overwrite`, and even then it is replaced only when it is a checkpoint of
     the format written (a .safetensors file; a diffusers folder; an orbax folder) or an empty
-    folder. `protect`: paths (the checkpoint's source) the destination may not be, contain or lie
-    inside. Rules in `ldm_jax.atomic`.
+    folder. `protect`: paths the destination may not be, contain or lie inside, besides the
+    checkpoint's own `source` (where it was loaded from). Rules in `ldm_jax.atomic`.
     """
+    protect = (*protect, checkpoint.source)
     if format in ("diffusers", "compvis"):
         _check_exportable_to_torch_tools(checkpoint, format)
     if format == "diffusers":
-        from ldm_jax.checkpoints.diffusers.export import save_diffusers  # noqa: PLC0415
-
         return save_diffusers(checkpoint, destination, overwrite=overwrite, protect=protect)
     if format == "compvis":
-        from ldm_jax.checkpoints.compvis.export import save_compvis  # noqa: PLC0415
-
         return save_compvis(checkpoint, destination, overwrite=overwrite, protect=protect)
     if format == "orbax":
-        from ldm_jax.checkpoints.orbax import save_orbax  # noqa: PLC0415
-
         return save_orbax(checkpoint, destination, overwrite=overwrite, protect=protect)
     raise ValueError(f"unknown export format {format!r}; allowed: {EXPORT_FORMATS}")
 
@@ -51,19 +50,15 @@ def check_save_destination(
     overwrite: bool = False,
     protect: Iterable[str | os.PathLike | None] = (),
 ) -> None:
-    """Raise the error `write_checkpoint` would raise for `destination`, before any work (a
+    """Raise the error `save_checkpoint` would raise for `destination`, before any work (a
     converter checks this before reading its source)."""
-    from ldm_jax.atomic import check_destination  # noqa: PLC0415
-
     if format == "diffusers":
-        from ldm_jax.checkpoints.diffusers.export import DIFFUSERS_FOLDER as kind  # noqa: PLC0415
+        kind = DIFFUSERS_FOLDER
     elif format == "compvis":
-        from ldm_jax.checkpoints.compvis.export import COMPVIS_FILE as kind  # noqa: PLC0415
-        from ldm_jax.checkpoints.compvis.export import check_compvis_suffix  # noqa: PLC0415
-
+        kind = COMPVIS_FILE
         check_compvis_suffix(destination)
     elif format == "orbax":
-        from ldm_jax.checkpoints.orbax import ORBAX_FOLDER as kind  # noqa: PLC0415
+        kind = ORBAX_FOLDER
     else:
         raise ValueError(f"unknown export format {format!r}; allowed: {EXPORT_FORMATS}")
     check_destination(destination, overwrite=overwrite, replaceable=kind, protect=protect)

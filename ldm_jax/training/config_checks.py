@@ -8,8 +8,9 @@ Each failure is one ConfigError naming the key, the value and what is allowed.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
+
+from ldm_jax.sampler_options import canonical_sampler, check_guidance
 
 
 class ConfigError(ValueError):
@@ -19,8 +20,6 @@ class ConfigError(ValueError):
 def sampler_name(name) -> str:
     """The ldm_jax.diffusion.SAMPLERS key of a config's sampler name (aliases such as "dpm++":
     one vocabulary for config, API and CLI, ldm_jax/sampler_options.py)."""
-    from ldm_jax.sampler_options import canonical_sampler  # noqa: PLC0415
-
     try:
         return canonical_sampler(name)
     except ValueError as error:
@@ -56,12 +55,11 @@ def check_sample(config) -> None:
     _integer(config, "sample.steps", 1)
     _integer(config, "sample.num_images", 0)
     guidance = _get(config, "sample.guidance")
-    if guidance is not None:
-        if isinstance(guidance, bool) or not isinstance(guidance, int | float) or not (
-            math.isfinite(guidance)
-        ):
-            raise ConfigError(f"sample.guidance={guidance!r} must be a finite number "
-                              "(1: no classifier-free guidance)")
+    if guidance is not None:  # the pipeline's own rule (<= 1: no classifier-free guidance)
+        try:
+            check_guidance(guidance, "sample.guidance")
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
 
 
 def check_stage(config) -> None:

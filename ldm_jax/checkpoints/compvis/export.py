@@ -13,6 +13,7 @@ from pathlib import Path
 import safetensors.numpy
 
 from ldm_jax.atomic import Replaceable, atomic_output
+from ldm_jax.checkpoints.compvis.checkpoint_table import compvis_checkpoint_table
 from ldm_jax.checkpoints.contents import CheckpointContents
 from ldm_jax.spec import spec_to_dict
 
@@ -42,8 +43,6 @@ def save_compvis(
 ) -> Path:
     """Write `checkpoint` to `destination` (a .safetensors path), atomically; `overwrite`
     replaces only a .safetensors file, never a `protect`ed path (see `ldm_jax.atomic`)."""
-    from ldm_jax.checkpoints.compvis.checkpoint_table import compvis_checkpoint_table  # noqa: PLC0415
-
     destination = check_compvis_suffix(destination)
     tensors = compvis_checkpoint_table(checkpoint.spec).to_torch(checkpoint.params)
     metadata = {"format": "pt", SPEC_METADATA_KEY: json.dumps(spec_to_dict(checkpoint.spec))}
