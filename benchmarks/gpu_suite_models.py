@@ -1,46 +1,56 @@
 """What the GPU suite measures: the cases, the SD 1.5-shaped model configs, and model FLOPs from
 XLA's cost analysis of CPU-lowered programs."""
 
-
-
-
 PROMPT = "a photograph of an astronaut riding a horse"
 GUIDANCE = 7.5
 STEPS = 50
 WEIGHT_SCALE = 0.02  # std of the random weights (larger overflows SD 1.5's deep stacks)
+LEARNING_RATE = 1e-5
+EMA_DECAY = 0.9999
+GRAD_CLIP = 1.0  # ldm_jax's optimizer default and diffusers' train_text_to_image max_grad_norm
 # XLA flags for the JAX process (appended to any XLA_FLAGS already set). The latency-hiding
 # scheduler overlaps async work (collectives, copies) with compute; on one GPU it mostly orders
 # async copies and is harmless.
 XLA_GPU_FLAGS = ("--xla_gpu_enable_latency_hiding_scheduler=true",)
+# --tiny only: CPU codegen without LLVM's expensive passes (the smoke test checks code paths, and
+# compiling every program at full optimisation takes minutes on 2 cores)
+XLA_TINY_FLAGS = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
 
-# (case name, kind, batch, options); the order is the priority order.
+# (case name, kind, batch, options, {side: seconds}); the order is the priority order. The seconds
+# are what a case needs (compile + runs) on an H200 (guessed from the 2026-11-26 run) until one
+# of its kind has run (then that one's wall time counts); the time guard skips what won't fit.
 CASES = (
-    ("train_b{tb}", "train", "tb", {"remat": False}),
-    ("sample_b1", "sample", 1, {}),
-    ("sample_b8", "sample", 8, {}),
-    ("unet_fwd_b8", "unet_fwd", 8, {}),
-    ("unet_fwd_b8_xla_attn", "unet_fwd", 8, {"attention": "xla"}),
-    ("train_b{tb}_remat", "train", "tb", {"remat": True}),
-    ("vae_decode_b1", "vae_decode", 1, {}),
-    ("unet_fwd_b2", "unet_fwd", 2, {}),
-    ("vae_encode_b1", "vae_encode", 1, {}),
-    ("clip_text_b1", "clip_text", 1, {}),
-)
-# Seconds a case needs (compile + runs) on an H200 (measured 2026-11-26) until one of its kind has
-# run (then that one's wall time counts); the guard skips a case that no longer fits.
-ESTIMATE_S = {
-    "jax": {"train": 95, "sample": 55, "unet_fwd": 30, "vae_decode": 20, "vae_encode": 15,
-            "clip_text": 8},
-    "torch": {"train": 45, "sample": 20, "unet_fwd": 12, "vae_decode": 6, "vae_encode": 6,
-              "clip_text": 3},
-}  # fmt: skip
+    ("train_b{tb}", "train", "tb", {"inputs": "latents", "remat": "none"},
+     {"jax": 100, "torch": 30}),
+    ("train_b{tb}_images", "train", "tb", {"inputs": "image", "remat": "none"},
+     {"jax": 110, "torch": 30}),
+    ("sample_b1", "sample", 1, {}, {"jax": 45, "torch": 8}),
+    ("sample_b8", "sample", 8, {}, {"jax": 60, "torch": 20}),
+    ("unet_fwd_b8", "unet_fwd", 8, {}, {"jax": 30, "torch": 6}),
+    ("vae_decode_b1", "vae_decode", 1, {}, {"jax": 20, "torch": 5}),
+)  # fmt: skip
+# optional rows (--attention IMPL ...): the UNet forward with one attention kernel forced
+ATTENTION_CHOICES = ("xla", "cudnn", "blocked")
+# the last rows: the latents train step under these remat policies (--remat; torch: diffusers'
+# gradient checkpointing, which is "blocks")
+DEFAULT_REMAT = ("blocks",)
 
 
-def case_list(train_batch: int) -> list[dict]:
+def case_list(
+    train_batch: int, attention: tuple[str, ...] = (), remat: tuple[str, ...] = DEFAULT_REMAT
+) -> list[dict]:
     out = []
-    for name, kind, batch, options in CASES:
+    for name, kind, batch, options, estimate in CASES:
         batch = train_batch if batch == "tb" else batch
-        out.append({"name": name.format(tb=train_batch), "kind": kind, "batch": batch} | options)
+        name = name.format(tb=train_batch)
+        out.append({"name": name, "kind": kind, "batch": batch, "estimate": estimate} | options)
+    for impl in attention:
+        out.append({"name": f"unet_fwd_b8_attn_{impl}", "kind": "unet_fwd", "batch": 8,
+                    "estimate": {"jax": 30, "torch": 0}, "attention": impl})  # fmt: skip
+    for policy in remat:
+        out.append({"name": f"train_b{train_batch}_remat_{policy}", "kind": "train",
+                    "batch": train_batch, "estimate": {"jax": 110, "torch": 30},
+                    "inputs": "latents", "remat": policy})  # fmt: skip
     return out
 
 
@@ -58,9 +68,15 @@ def model_configs(tiny: bool) -> dict:
             "text": CLIP_TEXT_PRESETS["clip-vit-l-14"],
             "image": 512,
         }
+    import dataclasses
+
     from ldm_jax.presets.tiny import TINY_CLIP_TEXT, TINY_IMAGE_SIZE, TINY_UNET, TINY_VAE
 
-    return {"unet": TINY_UNET, "vae": TINY_VAE, "text": TINY_CLIP_TEXT, "image": TINY_IMAGE_SIZE}
+    # one UNet level (still res block + self- and cross-attention, down- and up-path): the smoke
+    # test compiles seven train/sample programs on CI's 2 cores
+    unet = dataclasses.replace(TINY_UNET, channel_mult=(1,), attention_resolutions=(1,))
+    text = dataclasses.replace(TINY_CLIP_TEXT, num_layers=1)
+    return {"unet": unet, "vae": TINY_VAE, "text": text, "image": TINY_IMAGE_SIZE}
 
 
 def model_spec(configs: dict):
@@ -80,8 +96,10 @@ def count_model_flops(tiny: bool, train_batch: int, steps: int) -> dict:
     platform from abstract inputs (nothing is allocated or compiled; XLA attention, no remat).
 
     GPU lowerings report no FLOPs, and a compiled GPU program's count depends on which kernels
-    XLA picked; the lowered count is the arithmetic of the model itself. Sampling is
-    steps x UNet(2B) + text encoder(2B) + VAE decode(B), every op being linear in the batch.
+    XLA picked; the lowered count is the arithmetic of the model itself. Every op is linear in
+    the batch, so: train (latents) = UNet fwd + bwd + AdamW at the train batch + text encoder;
+    train (images) = that + VAE encode; sampling = steps x UNet(2B) + text encoder(2B) + VAE
+    decode(B).
     """
     import jax
     import jax.numpy as jnp
@@ -138,7 +156,7 @@ def count_model_flops(tiny: bool, train_batch: int, steps: int) -> dict:
         return optax.apply_updates(p, updates), opt_state, loss
 
     b = train_batch
-    train_flops = flops(
+    unet_train = flops(
         train, u32, jax.eval_shape(optimizer.init, u32), sds((b, latent, latent, 4), f32),
         sds((b, ctx_len, ctx_dim), bf16), jax.eval_shape(lambda: jax.random.key(0)),
     )  # fmt: skip
@@ -159,15 +177,20 @@ def count_model_flops(tiny: bool, train_batch: int, steps: int) -> dict:
     )  # fmt: skip
     fwd_1 = unet_fwd(1)
     out = {
-        "unet_fwd_b1": fwd_1,
         "unet_fwd_b8": unet_fwd(8),
-        "train": train_flops,
-        "text_b1": text_1,
+        "train": unet_train + b * text_1,
+        "train_images": unet_train + b * (text_1 + encode_1),
         "vae_decode_b1": decode_1,
-        "vae_encode_b1": encode_1,
     }
     for batch in (1, 8):
-        out[f"sample_b{batch}"] = (
-            steps * 2 * batch * fwd_1 + 2 * batch * text_1 + batch * decode_1
-        )
+        out[f"sample_b{batch}"] = steps * 2 * batch * fwd_1 + 2 * batch * text_1 + batch * decode_1
     return out
+
+
+def flops_key(case_name: str) -> str:
+    """The key of count_model_flops' result for a case name."""
+    if case_name.startswith("train_"):
+        return "train_images" if "_images" in case_name else "train"
+    if case_name.startswith("unet_fwd_b8"):
+        return "unet_fwd_b8"
+    return case_name

@@ -5,10 +5,23 @@ lowers the sharded LDM train step with ShapeDtypeStruct inputs only (no paramete
 materialised) on N fake CPU devices, compiles it and prints `compiled.memory_analysis()` per device:
 arguments (state + frozen params + batch shards), outputs, aliased (the donated state), temporaries,
 and their total = arguments + outputs - aliased + temporaries. One row per input kind (512 px images
-encoded by the VAE inside the step, or precomputed latents) x remat x compute dtype.
+encoded by the VAE inside the step, or precomputed latents) x remat policy x compute dtype.
+
+Two things make the CPU figure mean what a TPU would see:
+- attention: the default dispatcher (`attention="auto"`) takes the blocked (flash-style) path for
+  the 64x64 and 32x32 levels on CPU, standing in for cuDNN / splash on an accelerator: no
+  [B, N, T, S] logits, and a backward pass that recomputes its tiles;
+- the scheduler: XLA:CPU's default scheduler optimises for concurrency and keeps the forward
+  pass's values alive as long as it likes, so remat showed no saving (78.0 vs 78.1 GiB). With
+  `--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED` (`--scheduler memory`, the
+  default here) the saving shows, as on TPU/GPU whose schedulers minimise peak memory.
+A second, backend-independent figure is printed per row: the bytes the forward pass keeps for the
+backward pass (the jaxpr's residuals of the UNet loss at the per-device batch,
+`jax._src.ad_checkpoint.saved_residuals`), which is what remat policies change.
 
     python benchmarks/train_memory.py [--devices 8] [--per-device-batch 8] [--resolution 512]
-        [--inputs latents,image] [--remat none,blocks] [--dtypes float32]
+        [--inputs latents,image] [--remat none,blocks,save_dots_no_batch] [--dtypes bfloat16]
+        [--scheduler memory|concurrency] [--attention auto]
 """
 
 import argparse
@@ -25,8 +38,11 @@ def _parse(argv):
     parser.add_argument("--per-device-batch", type=int, default=8)
     parser.add_argument("--resolution", type=int, default=512, help="image size (latents / 8)")
     parser.add_argument("--inputs", default="latents,image")
-    parser.add_argument("--remat", default="none,blocks")
-    parser.add_argument("--dtypes", default="float32")
+    parser.add_argument("--remat", default="none,blocks,save_dots_no_batch")
+    parser.add_argument("--dtypes", default="bfloat16")
+    parser.add_argument("--scheduler", choices=("memory", "concurrency"), default="memory",
+                        help="XLA:CPU scheduler (memory: the one whose peak reflects remat)")
+    parser.add_argument("--attention", default="auto", help="attention implementation")
     parser.add_argument("--tiny", action="store_true", help="tiny networks (a smoke test)")
     return parser.parse_args(argv)
 
@@ -48,7 +64,8 @@ def tiny_spec():
     return SD1_LIKE
 
 
-def measure(spec, mesh, inputs: str, remat: str, dtype: str, batch: int, resolution: int) -> dict:
+def measure(spec, mesh, inputs: str, remat: str, dtype: str, batch: int, resolution: int,
+            attention: str = "auto") -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -61,7 +78,8 @@ def measure(spec, mesh, inputs: str, remat: str, dtype: str, batch: int, resolut
     from ldm_jax.training.optimizer import make_optimizer
     from ldm_jax.training.sharding import batch_sharding
 
-    cfg = LDMTrainConfig(compute_dtype=dtype, remat=remat, cond_drop_prob=0.1)
+    cfg = LDMTrainConfig(compute_dtype=dtype, remat=remat, cond_drop_prob=0.1,
+                         attention=None if attention == "auto" else attention)
     tx, schedule = make_optimizer(dict(learning_rate=1e-4))
     clip = spec.cond_stage.config
     null = np.zeros(clip.max_length, np.int32)
@@ -95,19 +113,98 @@ def measure(spec, mesh, inputs: str, remat: str, dtype: str, batch: int, resolut
         total=(args + out - alias + temp) / GIB,
         tflops=float((cost or {}).get("flops", float("nan"))) / 1e12,
         compile_s=seconds,
+        residuals=unet_residual_bytes(spec, cfg, batch // mesh.size, resolution) / GIB,
     )
+
+
+def unet_residual_bytes(spec, cfg, per_device_batch: int, resolution: int) -> int:
+    """Bytes of the values the UNet loss's forward pass keeps for its backward pass at one
+    device's batch (arguments such as the params excluded): what remat policies trade."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax._src.ad_checkpoint import saved_residuals
+
+    from ldm_jax.training.ldm_step import ldm_modules
+
+    unet, _ = ldm_modules(spec, cfg)["unet"]
+    u = spec.unet
+    size = resolution // spec.first_stage.downsample_factor
+    x = jax.ShapeDtypeStruct((per_device_batch, size, size, u.in_channels), jnp.float32)
+    t = jax.ShapeDtypeStruct((per_device_batch,), jnp.int32)
+    context = jax.ShapeDtypeStruct((per_device_batch, 77, u.context_dim), jnp.float32)
+    params = jax.eval_shape(unet.init, jax.random.key(0), x, t, context)["params"]
+    params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32),
+                          nn_unbox(params))
+
+    def loss(params, x, t, context):
+        out = unet.apply({"params": params}, x, t, context)
+        return jnp.mean(jnp.square(out.astype(jnp.float32)))
+
+    kept = saved_residuals(loss, params, x, t, context)
+    return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
+               for a, where in kept if "from the argument" not in where)
+
+
+def block_transient_bytes(spec, dtype: str, per_device_batch: int, resolution: int) -> dict:
+    """XLA:CPU temporaries of one first-level block's forward + backward at one device's batch
+    (a ResBlock, and the SpatialTransformer at the largest latent): what recomputing the largest
+    block costs on top of what the forward pass kept, when remat recomputes one block at a time."""
+    import jax
+    import jax.numpy as jnp
+
+    from ldm_jax.models.attention import SpatialTransformer
+    from ldm_jax.models.unet import attention_heads
+    from ldm_jax.models.unet_blocks import ResBlock
+    from ldm_jax.training.ldm_step import COMPUTE_DTYPES
+
+    u = spec.unet
+    d = COMPUTE_DTYPES[dtype]
+    channels = u.model_channels * u.channel_mult[0]
+    size = resolution // spec.first_stage.downsample_factor
+    x = jax.ShapeDtypeStruct((per_device_batch, size, size, channels), jnp.float32)
+    emb = jax.ShapeDtypeStruct((per_device_batch, u.time_embed_dim), jnp.float32)
+    context = jax.ShapeDtypeStruct((per_device_batch, 77, u.context_dim or channels), jnp.float32)
+    heads, head_dim = attention_heads(u, channels)
+    blocks = {
+        "ResBlock": (ResBlock(channels, u.use_scale_shift_norm, dtype=d), (x, emb)),
+        "SpatialTransformer": (
+            SpatialTransformer(heads, head_dim, depth=1, context_dim=u.context_dim, dtype=d),
+            (x, context),
+        ),
+    }
+    out = {}
+    for name, (module, inputs) in blocks.items():
+        params = jax.eval_shape(module.init, jax.random.key(0), *inputs)["params"]
+        params = nn_unbox(params)
+
+        def loss(params, *inputs, module=module):
+            y = module.apply({"params": params}, *inputs)
+            return jnp.mean(jnp.square(y.astype(jnp.float32)))
+
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, *inputs).compile()
+        out[name] = compiled.memory_analysis().temp_size_in_bytes
+    return out
+
+
+def nn_unbox(tree):
+    import flax.linen as nn
+
+    return nn.meta.unbox(tree)
 
 
 HEADER = (
     "| input | remat | compute | args GiB | outputs GiB | aliased GiB | temps GiB | total GiB "
-    "| TFLOP/device/step | compile s |\n|---|---|---|---|---|---|---|---|---|---|"
+    "| kept for backward GiB | TFLOP/device/step | compile s |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
 def row(r: dict) -> str:
     return (
         f"| {r['inputs']} | {r['remat']} | {r['dtype']} | {r['args']:.2f} | {r['out']:.2f} "
-        f"| {r['alias']:.2f} | {r['temp']:.2f} | {r['total']:.2f} | {r['tflops']:.2f} "
+        f"| {r['alias']:.2f} | {r['temp']:.2f} | {r['total']:.2f} | {r['residuals']:.2f} "
+        f"| {r['tflops']:.2f} "
         f"| {r['compile_s']:.0f} |"
     )
 
@@ -115,7 +212,10 @@ def row(r: dict) -> str:
 def main(argv=None) -> None:
     args = _parse(argv)
     flags = os.environ.get("XLA_FLAGS", "")
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}"
+    flags += f" --xla_force_host_platform_device_count={args.devices}"
+    if args.scheduler == "memory":
+        flags += " --xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
+    os.environ["XLA_FLAGS"] = flags
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
 
@@ -128,7 +228,8 @@ def main(argv=None) -> None:
     batch = args.per_device_batch * args.devices
     counts = {k: count_params(v) for k, v in abstract_checkpoint_params(spec).items()}
     print(
-        f"jax {jax.__version__}, {jax.device_count()} fake CPU devices, mesh {dict(mesh.shape)}; "
+        f"jax {jax.__version__}, {jax.device_count()} fake CPU devices, mesh {dict(mesh.shape)}, "
+        f"{args.scheduler} scheduler, attention {args.attention}; "
         f"global batch {batch} ({args.per_device_batch}/device), {args.resolution} px; "
         f"params {counts} (UNet trained with AdamW + EMA, the rest frozen)",
         flush=True,
@@ -137,12 +238,27 @@ def main(argv=None) -> None:
     for inputs in args.inputs.split(","):
         for remat in args.remat.split(","):
             for dtype in args.dtypes.split(","):
-                r = measure(spec, mesh, inputs, remat, dtype, batch, args.resolution)
+                r = measure(spec, mesh, inputs, remat, dtype, batch, args.resolution,
+                            args.attention)
                 print(row(r), flush=True)
                 rows.append(r)
     print("\n" + HEADER)
     for r in rows:
         print(row(r))
+    per_device = args.per_device_batch
+    for dtype in args.dtypes.split(","):
+        transients = block_transient_bytes(spec, dtype, per_device, args.resolution)
+        largest = max(transients.values()) / GIB
+        print(f"\none first-level block's forward + backward at {per_device} images, {dtype} "
+              f"(XLA:CPU temporaries): " +
+              ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in transients.items()))
+        for r in rows:
+            if r["dtype"] == dtype and r["remat"] != "none":
+                state = r["args"] + r["out"] - r["alias"]
+                derived = state + r["residuals"] + largest
+                print(f"derived per-device peak, {r['inputs']} / remat {r['remat']}: state "
+                      f"{state:.2f} + kept {r['residuals']:.2f} + largest block {largest:.2f} = "
+                      f"{derived:.2f} GiB (XLA:CPU whole step: {r['total']:.2f})")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,9 @@ def get_config(arg=None):
     c.compute_dtype = "bfloat16"
     c.remat = "blocks"
     c.data.update(dict(source="tfds", image_size=256, global_batch_size=680, num_threads=16))
-    c.mesh.shape = (1, -1, 1)
+    # fsdp within each slice, data parallel across TPU slices (-1: however many there are, one
+    # on a single host); GPU hosts: add --config.mesh.process_is_granule=True
+    c.mesh.update(dict(shape=(1, -1, 1), dcn_shape=(-1, 1, 1)))
     c.train = train_config(num_steps=400_000, log_every=100, checkpoint_every=5000,
                            sample_every=5000)
     c.sample.update(dict(num_images=8, steps=50, guidance=5.0,

@@ -1,11 +1,13 @@
-"""The flash-style blocked attention: same values and gradients as XLA's, and when it is picked."""
+"""The flash-style blocked attention: same values and gradients as XLA's (its own recomputing
+backward pass, padded sequences), no [T, S] residual kept for the backward pass, and when it is
+picked."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ldm_jax.models import attention
+from ldm_jax.models import attention_dispatch
 from ldm_jax.models.attention import dot_product_attention
 from ldm_jax.models.blocked_attention import block_sizes, blocked_attention
 
@@ -33,18 +35,42 @@ def test_matches_xla_attention(t, s, q_block, k_block):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_gradients_match_xla_attention():
-    q, k, v = _qkv(32, 64)
-    weights = jnp.asarray(np.random.default_rng(1).standard_normal((2, 32, 2, 8)), jnp.float32)
+@pytest.mark.parametrize(("t", "s", "q_block", "k_block"), [
+    (32, 64, 8, 16),  # several blocks each way
+    (50, 77, 16, 32),  # padded queries and masked padded keys
+    (37, 131, 16, None),  # prime lengths; keys one default block (131 <= 256)
+])
+def test_gradients_match_xla_attention(t, s, q_block, k_block):
+    q, k, v = _qkv(t, s)
+    weights = jnp.asarray(np.random.default_rng(1).standard_normal((2, t, 2, 8)), jnp.float32)
 
     def loss(fn):
         return lambda q, k, v: jnp.sum(fn(q, k, v) * weights)
 
-    blocked = jax.grad(loss(lambda q, k, v: blocked_attention(q, k, v, q_block=8, k_block=16)),
-                       argnums=(0, 1, 2))(q, k, v)
+    blocked = jax.grad(
+        loss(lambda q, k, v: blocked_attention(q, k, v, q_block=q_block, k_block=k_block)),
+        argnums=(0, 1, 2),
+    )(q, k, v)
     reference = jax.grad(loss(_xla), argnums=(0, 1, 2))(q, k, v)
     for got, want in zip(blocked, reference, strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+        assert float(jnp.abs(got - want).max() / jnp.abs(want).max()) <= 1e-5
+
+
+def test_backward_keeps_no_logits():
+    """The residuals between forward and backward are q, k, v, the output and one log-sum-exp per
+    query: nothing of size T x S (XLA's attention keeps the [B, N, T, S] probabilities)."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    q, k, v = _qkv(256, 256)
+
+    def largest_residual(fn):
+        residuals = saved_residuals(lambda q, k, v: jnp.sum(fn(q, k, v)), q, k, v)
+        return max(int(np.prod(aval.shape)) for aval, _ in residuals)
+
+    blocked = largest_residual(lambda q, k, v: blocked_attention(q, k, v, q_block=64,
+                                                                 k_block=64))
+    assert blocked == q.size  # [B, T, N, H]: q, k, v, out
+    assert largest_residual(_xla) >= 2 * 2 * 256 * 256  # [B, N, T, S]
 
 
 def test_bf16_inputs_give_bf16_outputs_close_to_fp32():
@@ -54,16 +80,16 @@ def test_bf16_inputs_give_bf16_outputs_close_to_fp32():
     np.testing.assert_allclose(got.astype(jnp.float32), _xla(q, k, v), atol=3e-2)
 
 
-def test_blocks_must_divide_the_sequences():
+def test_block_sizes_divide_or_pad():
     assert block_sizes(4096, 4096) == (512, 256)
     assert block_sizes(64, 77) == (64, 77)  # short sequences: one block each
     assert block_sizes(4096, 77) == (512, 77)  # cross-attention: all keys in one block
     assert block_sizes(6400, 6400) == (400, 256)  # 80x80 latents: the largest divisor
     assert block_sizes(4096, 1000) == (512, 250)
-    assert block_sizes(4096, 1031) is None  # a prime: no block between 64 and 256 divides it
-    q, k, v = _qkv(32, 48)
-    with pytest.raises(ValueError, match="do not divide"):
-        blocked_attention(q, k, v, q_block=16, k_block=32)
+    assert block_sizes(4096, 1031) == (512, 256)  # a prime: padded to 1280 keys, 249 masked
+    q, k, v = _qkv(32, 48)  # blocks that do not divide: padded, same values
+    np.testing.assert_allclose(blocked_attention(q, k, v, q_block=12, k_block=32), _xla(q, k, v),
+                               rtol=1e-5, atol=1e-5)
 
 
 def _uses_scan(fn, *args):
@@ -71,7 +97,7 @@ def _uses_scan(fn, *args):
 
 
 def test_cpu_default_picks_blocked_for_long_sequences(monkeypatch):
-    monkeypatch.setattr(attention, "BLOCKED_MIN_QUERIES_ON_CPU", 64)
+    monkeypatch.setattr(attention_dispatch, "BLOCKED_MIN_QUERIES_ON_CPU", 64)
     long_q, long_k, long_v = _qkv(64, 64)
     cross = _qkv(64, 7)  # a short context: still blocked (one key block)
     short = _qkv(32, 64)

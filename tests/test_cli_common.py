@@ -53,13 +53,13 @@ def test_checkpoint_checks(tmp_path):
         common.require_checkpoint("org/name", hint="pass a folder", hub_ids=False)
 
 
-def test_pipeline_cache_is_keyed_by_checkpoint_dtype_and_cache(monkeypatch):
+def test_pipeline_cache_is_keyed_by_checkpoint_dtype_cache_and_attention(monkeypatch):
     loads = []
 
-    def from_pretrained(path, dtype, compilation_cache_dir):
+    def from_pretrained(path, dtype, compilation_cache_dir, **kwargs):
         if path == "broken":
             raise ValueError("no model_index.json")
-        loads.append((path, dtype.__name__, compilation_cache_dir))
+        loads.append((path, dtype.__name__, compilation_cache_dir, kwargs["attention"]))
         return object()
 
     monkeypatch.setattr(
@@ -71,10 +71,12 @@ def test_pipeline_cache_is_keyed_by_checkpoint_dtype_and_cache(monkeypatch):
         assert common.load_pipeline("model", "float32", None) is first  # one key however passed
         assert common.load_pipeline("model", "bfloat16") is not first
         common.load_pipeline("model", "bfloat16", "cache")
+        common.load_pipeline("model", "bfloat16", "cache", "blocked")
         assert loads == [
-            ("model", "float32", None),
-            ("model", "bfloat16", None),
-            ("model", "bfloat16", "cache"),
+            ("model", "float32", None, "auto"),
+            ("model", "bfloat16", None, "auto"),
+            ("model", "bfloat16", "cache", "auto"),
+            ("model", "bfloat16", "cache", "blocked"),
         ]
         with pytest.raises(common.UsageError, match="cannot load checkpoint 'broken': no model"):
             common.load_pipeline("broken")

@@ -1,7 +1,8 @@
 """Multi-host training: 2 local processes x 4 CPU devices (gloo collectives, localhost coordinator)
 agree with 1 process x 8 devices, step by step, and write one shared checkpoint; a SIGTERM to one
 of them stops both at the same saved step, and the rerun ends exactly where an uninterrupted run
-does."""
+does; a hybrid (ICI x DCN) mesh with each process as a slice puts each process's devices in one
+block of the DCN axis and trains as the one-process run does."""
 
 import os
 import socket
@@ -98,6 +99,37 @@ def test_two_processes_agree_with_one(tmp_path, straight):
     # gloo's cross-process reductions sum in another order: equal up to float32 rounding
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), ours,
                  jax.device_get(theirs.params))
+
+
+# data 2 x fsdp 4: within a process data 2 x fsdp 2, the 2 processes along fsdp (DCN); the same
+# overrides in one process give data 2 x fsdp 4 (dcn -1 = the one process)
+HYBRID = {"shape": (2, -1, 1), "dcn_shape": (1, -1, 1), "process_is_granule": True}
+
+
+def test_hybrid_mesh_places_processes_along_the_dcn_axis_and_agrees_with_one(tmp_path):
+    overrides = [f"--config.mesh.{key}={value}".replace(" ", "") for key, value in HYBRID.items()]
+    runs = run_two_processes(tmp_path / "hybrid", STEPS, *overrides)
+    for code, out in runs:
+        assert code == 0, out[-3000:]
+        assert "mesh_utils.create_hybrid_device_mesh" in out, out[-3000:]
+        # process 0 owns fsdp 0-1 of both data rows; a plain reshape of jax.devices() would give
+        # it the whole first data row
+        assert "mesh process layout: [[[0], [0], [1], [1]], [[0], [0], [1], [1]]]" in out, (
+            out[-3000:])
+
+    config = load_config(TOY)
+    config.train.update(dict(num_steps=STEPS, log_every=1, checkpoint_every=0,
+                             progress_bar=False))
+    config.mesh.update(HYBRID)
+    single_task = toy_task.make_task(config)
+    assert dict(single_task.mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    loop.run(config, tmp_path / "single", single_task)
+    multi = metrics.read_jsonl(tmp_path / "hybrid" / "metrics.jsonl")
+    single = metrics.read_jsonl(tmp_path / "single" / "metrics.jsonl")
+    assert sorted(multi) == sorted(single) == list(range(1, STEPS + 1))
+    for step in multi:
+        np.testing.assert_allclose(multi[step]["loss"], single[step]["loss"], rtol=1e-6)
+        np.testing.assert_allclose(multi[step]["grad_norm"], single[step]["grad_norm"], rtol=1e-6)
 
 
 def _restore_all(workdir, config, step):

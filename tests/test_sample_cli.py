@@ -5,6 +5,7 @@ from PIL import Image
 from support.tiny_pipelines import sd_pipeline
 
 import ldm_jax.sampling.progress
+from ldm_jax.cli import common
 from ldm_jax.cli import sample as sampling_cli
 
 
@@ -69,7 +70,10 @@ def test_dpm_solver_size_and_odd_batch(tiny, tmp_path, progress_bars):
     out = tmp_path / "out"
     argv = ["--checkpoint", tiny, "--prompt", "a harbour", "--negative-prompt", "blurry"]
     argv += ["--sampler", "dpm++", "--n", "3", "--steps", "2", "--height", "8", "--width", "16"]
+    argv += ["--attention", "blocked"]
     assert sampling_cli.main([*argv, "--guidance", "1.0", "--out", str(out)]) == 0
+    pipe = common.load_pipeline(tiny, "float32", None, "blocked")  # the one just used (cached)
+    assert {m.attention_implementation for m in pipe.modules.values()} == {"blocked"}
     assert sorted(p.name for p in out.iterdir()) == ["00.png", "01.png", "02.png", "grid.png"]
     assert Image.open(out / "00.png").size == (16, 8)  # PIL: (width, height)
     assert Image.open(out / "grid.png").size == (32, 16)  # 3 images: 2 columns, 2 rows
@@ -82,6 +86,7 @@ BAD_INPUTS = {
         ["--sampler", "euler"],
         "choose from 'ddim', 'ddpm', 'plms', 'dpm_solver', 'dpm++'",
     ),
+    "unknown attention": (["--attention", "flash"], "choose from 'auto', 'xla', 'cudnn'"),
     "zero steps": (["--steps", "0"], "--steps must be >= 1"),
     "zero images": (["--n", "0"], "--n must be >= 1"),
     "height not divisible": (["--height", "15"], "not a multiple of 2"),
@@ -114,7 +119,8 @@ def test_help_documents_every_flag(capsys):
     text = capsys.readouterr().out
     for flag in ("--checkpoint", "--negative-prompt", "--n", "--steps", "--sampler", "--guidance"):
         assert flag in text
-    for flag in ("--seed", "--height", "--width", "--out", "--dtype", "--compilation-cache"):
+    for flag in ("--seed", "--height", "--width", "--out", "--dtype", "--compilation-cache",
+                 "--attention"):
         assert flag in text
     assert "dpm++" in text
     for flag in ("--init-image", "--strength", "--mask", "--class-label", "--low-res-image"):

@@ -165,9 +165,15 @@ def test_ema_follows_the_warmup_formula(class_run):
     assert int(class_run["state"].step) == STEPS
 
 
-def test_remat_option_rematerialises_the_unet_blocks():
-    assert ldm_modules(TEXT_SPEC, LDMTrainConfig(remat="blocks"))["unet"][0].use_checkpoint
-    assert not ldm_modules(TEXT_SPEC, LDMTrainConfig())["unet"][0].use_checkpoint
+def test_remat_and_attention_options_reach_every_network():
+    modules = ldm_modules(TEXT_SPEC, LDMTrainConfig(remat="save_dots", attention="blocked"))
+    assert modules["unet"][0].remat == "save_dots"
+    assert {m.attention_implementation for m, _ in modules.values()} == {"blocked"}
+    modules = ldm_modules(TEXT_SPEC, LDMTrainConfig())
+    assert modules["unet"][0].remat == "none"
+    assert {m.attention_implementation for m, _ in modules.values()} == {None}
+    with pytest.raises(ValueError, match="host memory, which needs a GPU or TPU"):
+        ldm_modules(TEXT_SPEC, LDMTrainConfig(remat="offload_dots"))  # this backend is cpu
 
 
 def test_text_step_from_images_in_bf16_keeps_fp32_master_params(mesh):
@@ -202,8 +208,10 @@ def test_text_dropout_replaces_rows_with_null_tokens_at_the_rate():
 def test_config_errors_are_clear():
     with pytest.raises(ValueError, match="compute_dtype"):
         LDMTrainConfig(compute_dtype="float16")
-    with pytest.raises(ValueError, match="remat"):
+    with pytest.raises(ValueError, match="remat 'everything'; allowed: none, blocks, save_dots"):
         LDMTrainConfig(remat="everything")
+    with pytest.raises(ValueError, match="attention 'flash'; allowed: auto, xla, cudnn"):
+        LDMTrainConfig(attention="flash")
     with pytest.raises(ValueError, match="null_tokens"):
         make_ldm_train_step(
             TEXT_SPEC,
@@ -223,9 +231,13 @@ def test_config_from_the_shared_config_layout():
             optimizer=dict(grad_accum_steps=4),
             compute_dtype="bfloat16",
             remat="blocks",
+            attention="auto",
         )
     )
     cfg = LDMTrainConfig.from_config(config)
+    assert cfg.attention is None
+    config.attention = "splash"
+    assert LDMTrainConfig.from_config(config).attention == "splash"
     assert (cfg.prediction_type, cfg.min_snr_gamma, cfg.cond_drop_prob) == ("v", 5.0, 0.1)
     assert (cfg.ema_decay, cfg.grad_accum_steps) == (0.999, 4)
     assert (cfg.compute_dtype, cfg.remat, cfg.scale_by_std) == ("bfloat16", "blocks", False)
@@ -252,3 +264,29 @@ def test_step_is_compiled_with_ldm_jax_compile_options(mesh, monkeypatch):
     batch = {"latents": jnp.zeros((8, 8, 8, 4)), "class_label": jnp.zeros((8,), jnp.int32)}
     with pytest.raises(Exception, match="NO_SUCH_TYPE"):
         step(state, frozen, batch, jax.random.key(0))
+
+
+def test_splash_attention_step_matches_xla_on_the_mesh(mesh):
+    """The train step with attention="splash" (the TPU kernel, interpret mode on CPU) traced on
+    the 8-device mesh: the kernel runs under shard_map over the batch axes (the step sets the
+    abstract mesh) and gives the XLA step's loss and gradient norm."""
+    null = np.zeros(CLIP.max_length, np.int32)
+    tx, schedule = make_optimizer(dict(learning_rate=1e-3))
+    params = random_params(TEXT_SPEC)
+    rng = np.random.default_rng(2)
+    batch = {
+        "latents": jnp.asarray(rng.standard_normal((8, 8, 8, 4)), jnp.float32),
+        "tokens": jnp.asarray(rng.integers(1, 100, (8, CLIP.max_length)), jnp.int32),
+    }
+    results = {}
+    for attention in ("xla", "splash"):
+        cfg = LDMTrainConfig(attention=attention)
+        state, frozen = init_ldm_state(TEXT_SPEC, cfg, tx, mesh, init_params=params)
+        step = make_ldm_train_step(TEXT_SPEC, cfg, tx, schedule, mesh, null_tokens=null)
+        if attention == "splash":
+            jaxpr = str(step.trace(state, frozen, batch, jax.random.key(0)).jaxpr)
+            assert "shard_map" in jaxpr and "pallas_call" in jaxpr
+        _, metrics = step(state, frozen, batch, jax.random.key(0))
+        results[attention] = {k: float(v) for k, v in metrics.items()}
+    for key in ("loss", "grad_norm"):
+        assert results["splash"][key] == pytest.approx(results["xla"][key], rel=1e-5)

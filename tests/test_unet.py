@@ -147,24 +147,52 @@ def test_remat_gives_identical_outputs_and_gradients():
     x = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
     t, context = jnp.array([10, 500]), jax.random.normal(jax.random.key(2), (2, 7, 16))
 
-    def loss(p, use_checkpoint):
-        out = UNet(SMALL, use_checkpoint=use_checkpoint).apply(
+    def loss(p, remat):
+        out = UNet(SMALL, remat=remat).apply(
             {"params": p}, x, t, context, deterministic=False, rngs={"dropout": jax.random.key(3)}
         )
         return jnp.mean(out**2), out
 
-    def has_remat(use_checkpoint):  # the primitive is "remat2" in jax 0.10, "checkpoint" later
-        jaxpr = str(jax.make_jaxpr(lambda p: loss(p, use_checkpoint))(params))
+    def has_remat(remat):  # the primitive is "remat2" in jax 0.10, "checkpoint" later
+        jaxpr = str(jax.make_jaxpr(lambda p: loss(p, remat))(params))
         return "remat" in jaxpr or "checkpoint[" in jaxpr
 
-    assert has_remat(True) and not has_remat(False)
+    assert not has_remat("none")
     grad = jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)
-    g_plain, out_plain = grad(params, False)
-    g_remat, out_remat = grad(params, True)
-    np.testing.assert_array_equal(out_remat, out_plain)
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g_remat, g_plain
-    )
+    g_plain, out_plain = grad(params, "none")
+    for policy in ("blocks", "save_dots_no_batch"):
+        assert has_remat(policy)
+        g_remat, out_remat = grad(params, policy)
+        np.testing.assert_array_equal(out_remat, out_plain)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g_remat, g_plain
+        )
+
+
+def test_remat_policies_keep_less_for_the_backward_pass():
+    """Bytes the forward pass keeps for the backward pass (the jaxpr's residuals): each policy
+    that saves less keeps strictly less."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    params = _random_params(SMALL)
+    x = jnp.zeros((2, 8, 8, 4))
+    t, context = jnp.array([10, 500]), jnp.zeros((2, 7, 16))
+
+    def kept_bytes(remat):
+        def loss(p):
+            return jnp.mean(UNet(SMALL, remat=remat).apply({"params": p}, x, t, context) ** 2)
+
+        residuals = saved_residuals(loss, params)
+        return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a, _ in residuals)
+
+    kept = {name: kept_bytes(name) for name in ("none", "save_dots", "save_dots_no_batch",
+                                                "blocks")}
+    assert kept["none"] > kept["save_dots"] > kept["save_dots_no_batch"] > kept["blocks"], kept
+
+
+def test_unknown_remat_policy_is_refused():
+    with pytest.raises(ValueError, match="allowed: none, blocks"):
+        UNet(SMALL, remat="everything").init(jax.random.key(0), X, jnp.array([1, 2]), C)
 
 
 def test_bf16_compute_is_finite_and_close_to_fp32():

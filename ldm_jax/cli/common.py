@@ -116,22 +116,31 @@ def check_output_folder(out: str, names, overwrite: bool) -> None:
         )
 
 
-def load_pipeline(checkpoint: str, dtype: str = "float32", compilation_cache: str | None = None):
+def load_pipeline(
+    checkpoint: str,
+    dtype: str = "float32",
+    compilation_cache: str | None = None,
+    attention: str = "auto",
+):
     """The LatentDiffusionPipeline of a checkpoint, kept for the next command in this process
     (notebooks, tests: no reload, no recompile); UsageError naming the checkpoint if unreadable."""
     try:
-        return _cached_pipeline(str(Path(checkpoint).expanduser()), dtype, compilation_cache)
+        path = str(Path(checkpoint).expanduser())
+        return _cached_pipeline(path, dtype, compilation_cache, attention)
     except LOAD_ERRORS as error:
         raise UsageError(f"cannot load checkpoint {checkpoint!r}: {error}") from error
 
 
 @functools.lru_cache(maxsize=1)
-def _cached_pipeline(checkpoint: str, dtype: str, compilation_cache: str | None):
-    """Keyed by (checkpoint, dtype, compilation cache), always passed positionally."""
+def _cached_pipeline(checkpoint: str, dtype: str, compilation_cache: str | None, attention: str):
+    """Keyed by (checkpoint, dtype, compilation cache, attention), always passed positionally."""
     import jax.numpy as jnp  # noqa: PLC0415 - keep --help and argument errors fast
 
     from ldm_jax.sampling.pipeline import LatentDiffusionPipeline  # noqa: PLC0415
 
     return LatentDiffusionPipeline.from_pretrained(
-        checkpoint, dtype=getattr(jnp, dtype), compilation_cache_dir=compilation_cache
+        checkpoint,
+        dtype=getattr(jnp, dtype),
+        compilation_cache_dir=compilation_cache,
+        attention=attention,
     )

@@ -38,6 +38,7 @@ from ldm_jax.cli.common import (
     run_command,
 )
 from ldm_jax.images import make_grid, to_pil
+from ldm_jax.models.attention_dispatch import ATTENTION_CHOICES
 from ldm_jax.sampler_options import check_eta, check_guidance, check_seed, check_strength
 
 DTYPES = ("float32", "bfloat16")
@@ -95,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace existing PNGs of the same names"
     )
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="params/compute dtype")
+    parser.add_argument(
+        "--attention",
+        choices=ATTENTION_CHOICES,
+        default="auto",
+        help="attention kernel (default auto: cuDNN flash attention on NVIDIA GPUs in bf16/fp16, "
+        "splash on TPU, tiled XLA for long sequences elsewhere)",
+    )
     parser.add_argument(
         "--compilation-cache", metavar="DIR", help="JAX persistent compilation cache folder"
     )
@@ -312,7 +320,7 @@ def _sample(args) -> int:
     from ldm_jax.sampling.pipeline import sampler_iterations  # noqa: PLC0415 - imports jax
     from ldm_jax.sampling.progress import StepProgress  # noqa: PLC0415
 
-    pipe = load_pipeline(args.checkpoint, args.dtype, args.compilation_cache)
+    pipe = load_pipeline(args.checkpoint, args.dtype, args.compilation_cache, args.attention)
     check_model(args, pipe)
     kwargs = task_inputs(args, pipe.task)
     texts = [] if args.prompt is None else [("--prompt", args.prompt)]

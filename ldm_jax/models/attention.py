@@ -1,25 +1,35 @@
 """The one attention entry point of ldm_jax, and the attention blocks built on it.
 
 Every network (UNet, autoencoder, text encoders) computes attention through
-`dot_product_attention`, so a faster kernel (cuDNN flash attention, a Pallas/splash kernel on TPU)
-is a change in one place, selected by the `implementation` argument that the blocks pass through.
+`dot_product_attention`; with `implementation=None` (the default everywhere) the kernel is chosen
+per call by backend, dtype and shape (attention_dispatch.py): cuDNN flash attention on NVIDIA GPUs
+in bf16/fp16, Pallas splash attention on TPU, flash-style blocked attention in plain XLA wherever
+the logits would be large, XLA's one-pass attention for the small rest. Networks, the pipeline and
+the train steps pass an explicit name through only when a config key / CLI flag asks for one.
 """
+
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.models.blocked_attention import block_sizes, blocked_attention
+from ldm_jax.models.attention_dispatch import (
+    IMPLEMENTATIONS,
+    AttentionShape,
+    choose_attention,
+    cudnn_rejection,
+)
+from ldm_jax.models.blocked_attention import blocked_attention
 from ldm_jax.models.layers import Dtype, GroupNorm, LayerNorm, dense, gelu
 
-# Names accepted by `implementation`: None picks (below), "xla" is the portable reference path,
-# "cudnn" the fused GPU kernel (bf16/fp16 only), "blocked" flash-style tiles in plain XLA
-# (blocked_attention.py; unmasked attention only, else XLA).
-ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn", "blocked")
-# None on a CPU backend: "blocked" from this many queries on (SD's 32x32 and 64x64 levels, self-
-# and cross-attention: 5.5x faster at 4096 x 4096 tokens, 1.9x at 4096 x 77 keys, 1.3x at 1024 x
-# 77); shorter sequences keep XLA's one-pass attention (at 256 tokens the two are within 10%)
-BLOCKED_MIN_QUERIES_ON_CPU = 1024
+# Names accepted by `implementation` (None = choose per call).
+ATTENTION_IMPLEMENTATIONS = (None, *IMPLEMENTATIONS)
+# cuDNN's fused kernel refuses to differentiate odd sequence lengths ("Unsupported sequence length
+# Q 1024, KV 77" on an H200, jax 0.11.2: SD's 77-token text context); sequences are padded to a
+# multiple of this and the padding masked by length (key_value_seq_lengths: no bias, so the
+# backward pass stays the fused one). 77 keys -> 80.
+CUDNN_SEQUENCE_MULTIPLE = 8
 
 
 def dot_product_attention(
@@ -34,44 +44,88 @@ def dot_product_attention(
 ) -> jax.Array:
     """softmax(q k^T / sqrt(head_dim)) v for [batch, tokens, heads, head_dim] inputs.
 
-    The XLA and blocked paths form the logits and the softmax in fp32 whatever the input dtype.
-    None means "blocked" on a CPU backend for long unmasked sequences (>= 1024 queries), else
-    JAX's choice.
-    "cudnn" falls back to XLA for an odd number of keys (a text context of 77 tokens), which
-    cuDNN's fused kernel cannot differentiate.
-    `upcast=True` additionally casts q and k to fp32 before the product (CompVis' ATTN_PRECISION
-    "fp32", which keeps fp16 SD2 models from overflowing). `mask_BNTS` is boolean, True = attend.
+    `implementation`: None chooses (attention_dispatch.choose_attention); "xla", "cudnn",
+    "blocked" or "splash" force one. A mask or causal attention always runs on "xla" or "cudnn"
+    (the tiled paths take no mask). An explicit "cudnn" for a shape cuDNN cannot take is an error
+    that says why. The XLA and blocked paths form logits and softmax in fp32 whatever the input
+    dtype. `upcast=True` additionally casts q and k to fp32 before the product on the XLA and
+    splash paths (CompVis' ATTN_PRECISION "fp32", which keeps fp16 SD2 models from overflowing;
+    cuDNN and blocked accumulate in fp32 anyway). `mask_BNTS` is boolean, True = attend.
     """
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(
             f"unknown attention implementation {implementation!r}; "
             f"allowed: {ATTENTION_IMPLEMENTATIONS}"
         )
+    masked = mask_BNTS is not None or is_causal
+    if implementation is None:
+        shape = AttentionShape.of(q_BTNH, k_BSNH, masked=masked)
+        implementation = choose_attention(shape, jax.default_backend(), _compute_capability())
+    elif masked and implementation in ("blocked", "splash"):
+        implementation = "xla"
     out_dtype = v_BSNH.dtype
-    if implementation in (None, "blocked") and mask_BNTS is None and not is_causal:
-        blocks = block_sizes(q_BTNH.shape[1], k_BSNH.shape[1])
-        long_on_cpu = (jax.default_backend() == "cpu"
-                       and q_BTNH.shape[1] >= BLOCKED_MIN_QUERIES_ON_CPU)
-        if blocks is not None and (implementation == "blocked" or long_on_cpu):
-            return blocked_attention(q_BTNH, k_BSNH, v_BSNH, q_block=blocks[0], k_block=blocks[1])
-    if implementation == "blocked":  # masked, causal or not divisible into blocks
-        implementation = "xla"
-    if implementation == "cudnn" and k_BSNH.shape[1] % 2:
-        # jax's cuDNN path refuses to differentiate odd key lengths ("Unsupported sequence
-        # length Q 1024, KV 77" on an H200, jax 0.11.2: SD's 77-token cross-attention).
-        # Those logits are small ([B, N, T, 77]); the large self-attention still uses cuDNN.
-        implementation = "xla"
-    if upcast and implementation != "cudnn":
+    if implementation == "blocked":
+        return blocked_attention(q_BTNH, k_BSNH, v_BSNH)
+    if implementation == "cudnn":
+        return cudnn_attention(q_BTNH, k_BSNH, v_BSNH, mask_BNTS=mask_BNTS, is_causal=is_causal)
+    if upcast:
         q_BTNH, k_BSNH, v_BSNH = (t.astype(jnp.float32) for t in (q_BTNH, k_BSNH, v_BSNH))
+    if implementation == "splash":
+        from ldm_jax.models.splash_attention import splash_attention  # Pallas: only when asked
+
+        return splash_attention(q_BTNH, k_BSNH, v_BSNH).astype(out_dtype)
     out_BTNH = jax.nn.dot_product_attention(
-        q_BTNH,
-        k_BSNH,
-        v_BSNH,
-        mask=mask_BNTS,
-        is_causal=is_causal,
-        implementation=implementation,
+        q_BTNH, k_BSNH, v_BSNH, mask=mask_BNTS, is_causal=is_causal, implementation="xla"
     )
     return out_BTNH.astype(out_dtype)
+
+
+def cudnn_attention(
+    q_BTNH: jax.Array,
+    k_BSNH: jax.Array,
+    v_BSNH: jax.Array,
+    *,
+    mask_BNTS: jax.Array | None = None,
+    is_causal: bool = False,
+    kernel: str = "cudnn",
+) -> jax.Array:
+    """cuDNN flash attention with both sequences padded to CUDNN_SEQUENCE_MULTIPLE and the padding
+    masked through `query_seq_lengths` / `key_value_seq_lengths`. The head_dim and dtype limits are
+    checked first. `kernel` is the `jax.nn.dot_product_attention` implementation ("xla" runs the
+    same padding on a CPU, for tests)."""
+    if kernel == "cudnn":
+        shape = AttentionShape.of(q_BTNH, k_BSNH, masked=mask_BNTS is not None or is_causal)
+        reason = cudnn_rejection(shape, _compute_capability())
+        if reason:
+            raise ValueError(f'attention implementation "cudnn": {reason}; use None to choose '
+                             "a kernel that takes this shape")
+    if mask_BNTS is not None:  # an explicit mask is a bias for cuDNN: no padding needed
+        return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=mask_BNTS,
+                                            is_causal=is_causal, implementation=kernel)
+    b, t = q_BTNH.shape[:2]
+    s = k_BSNH.shape[1]
+
+    def pad(x, length):
+        extra = math.ceil(length / CUDNN_SEQUENCE_MULTIPLE) * CUDNN_SEQUENCE_MULTIPLE - length
+        return jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0))) if extra else x
+
+    out_BTNH = jax.nn.dot_product_attention(
+        pad(q_BTNH, t),
+        pad(k_BSNH, s),
+        pad(v_BSNH, s),
+        is_causal=is_causal,
+        query_seq_lengths=jnp.full((b,), t, jnp.int32),
+        key_value_seq_lengths=jnp.full((b,), s, jnp.int32),
+        implementation=kernel,
+    )
+    return out_BTNH[:, :t]
+
+
+def _compute_capability() -> str | None:
+    """The default GPU's CUDA compute capability ("9.0"), None elsewhere."""
+    if jax.default_backend() != "gpu":
+        return None
+    return getattr(jax.devices()[0], "compute_capability", None)
 
 
 class MultiHeadAttention(nn.Module):

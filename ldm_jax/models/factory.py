@@ -5,6 +5,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ldm_jax.models.attention import ATTENTION_IMPLEMENTATIONS
 from ldm_jax.models.autoencoder import AutoencoderKL
 from ldm_jax.models.clip_text import CLIPTextTransformer
 from ldm_jax.models.conditioning import ClassEmbedder, SpatialRescaler
@@ -15,11 +16,20 @@ from ldm_jax.models.vq import VQModel
 from ldm_jax.spec import CLIP_TEXT_CONDITIONINGS, ModelSpec
 
 
-def network_modules(spec: ModelSpec, dtype=jnp.float32) -> dict[str, tuple[nn.Module, tuple]]:
-    """{"first_stage" | "unet" | "cond_stage": (module, example inputs for init)}."""
+def network_modules(
+    spec: ModelSpec, dtype=jnp.float32, attention: str | None = None
+) -> dict[str, tuple[nn.Module, tuple]]:
+    """{"first_stage" | "unet" | "cond_stage": (module, example inputs for init)}.
+
+    `attention`: the attention implementation every network uses (None: chosen per call by
+    backend, dtype and shape; models/attention_dispatch.py)."""
+    if attention not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attention implementation {attention!r}; allowed: {ATTENTION_IMPLEMENTATIONS}"
+        )
     fs = spec.first_stage
     fs_class = VQModel if spec.first_stage_kind == "vq" else AutoencoderKL
-    fs_module = fs_class(fs, dtype=dtype)
+    fs_module = fs_class(fs, dtype=dtype, attention_implementation=attention)
     size = fs.downsample_factor
     modules = {"first_stage": (fs_module, (jnp.zeros((1, size, size, fs.in_channels)),))}
     if spec.unet is not None:
@@ -32,14 +42,17 @@ def network_modules(spec: ModelSpec, dtype=jnp.float32) -> dict[str, tuple[nn.Mo
             y = jnp.zeros((1,), jnp.int32)
         elif u.num_classes == "sequential":
             y = jnp.zeros((1, u.adm_in_channels))
-        modules["unet"] = (UNet(u, dtype=dtype), (x, jnp.zeros((1,), jnp.int32), context, y))
+        unet = UNet(u, dtype=dtype, attention_implementation=attention)
+        modules["unet"] = (unet, (x, jnp.zeros((1,), jnp.int32), context, y))
     cond = spec.cond_stage
     if cond is not None:
         c = cond.config
         if cond.kind in CLIP_TEXT_CONDITIONINGS:
-            modules["cond_stage"] = (CLIPTextTransformer(c, dtype=dtype), (_ids(c.max_length),))
+            text = CLIPTextTransformer(c, dtype=dtype, attention_implementation=attention)
+            modules["cond_stage"] = (text, (_ids(c.max_length),))
         elif cond.kind == "ldm_bert":
-            modules["cond_stage"] = (LDMBert(c, dtype=dtype), (_ids(c.max_length),))
+            text = LDMBert(c, dtype=dtype, attention_implementation=attention)
+            modules["cond_stage"] = (text, (_ids(c.max_length),))
         elif cond.kind == "class":
             modules["cond_stage"] = (ClassEmbedder(c, dtype=dtype), (jnp.zeros((1,), jnp.int32),))
         elif cond.kind == "spatial_rescaler" and c.out_channels is not None:

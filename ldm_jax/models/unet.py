@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from ldm_jax.models.attention import AttentionBlock, SpatialTransformer
 from ldm_jax.models.layers import Dtype, GroupNorm, conv, dense, embedding
+from ldm_jax.models.remat import remat_policy
 from ldm_jax.models.unet_blocks import (
     NORM_EPS,
     NORM_GROUPS,
@@ -207,14 +208,14 @@ def unet_layout(config: UNetConfig) -> UNetLayout:
 class UNet(nn.Module):
     """openaimodel.UNetModel: eps/v prediction from (x_t, t, context, y), all NHWC.
 
-    `use_checkpoint` remats every ResBlock and attention layer (nn.remat: activations are
-    recomputed in the backward pass instead of stored; outputs are unchanged).
-    `attention_implementation` is passed to `dot_product_attention` (None, "xla", "cudnn").
+    `remat` names the policy (models/remat.py) under which every ResBlock and attention layer is
+    rematerialised ("none": not at all; "blocks": openaimodel's use_checkpoint); outputs are
+    unchanged. `attention_implementation` is passed to `dot_product_attention` (None chooses).
     """
 
     config: UNetConfig
     dtype: Dtype = jnp.float32
-    use_checkpoint: bool = False
+    remat: str = "none"
     attention_implementation: str | None = None
 
     @nn.compact
@@ -235,15 +236,17 @@ class UNet(nn.Module):
             emb = emb + dense(cfg.time_embed_dim, name="label_emb_out", dtype=d)(nn.silu(label))
 
         def run(module, *args):
-            """Call a ResBlock or attention layer, rematerialised if asked (as openaimodel's
-            use_checkpoint). `deterministic` stays a Python bool closed over, never traced."""
+            """Call a ResBlock or attention layer, rematerialised under the remat policy.
+            `deterministic` stays a Python bool closed over, never traced."""
 
             def call(mdl, *a):
                 if isinstance(mdl, AttentionBlock):
                     return mdl(*a)
                 return mdl(*a, deterministic=deterministic)
 
-            return nn.remat(call)(module, *args) if self.use_checkpoint else call(module, *args)
+            if self.remat == "none":
+                return call(module, *args)
+            return nn.remat(call, policy=remat_policy(self.remat))(module, *args)
 
         def res_block(name, out_channels, resample=None):
             return ResBlock(

@@ -61,6 +61,7 @@ from ldm_jax.diffusion import (
 )
 from ldm_jax.images import to_pil as images_to_pil
 from ldm_jax.latent_diffusion import apply_unet, schedule_from_spec
+from ldm_jax.models.attention_dispatch import implementation_from_name
 from ldm_jax.models.factory import network_modules
 from ldm_jax.sampler_options import (
     canonical_sampler,
@@ -95,7 +96,11 @@ class LatentDiffusionPipeline:
         *,
         dtype=jnp.float32,
         compilation_cache_dir: str | os.PathLike | None = None,
+        attention: str | None = None,
     ):
+        """`attention`: the attention implementation of every network ("xla", "cudnn",
+        "blocked", "splash"); None / "auto" chooses per call by backend, dtype and shape
+        (cuDNN flash attention on NVIDIA GPUs in bf16/fp16, splash on TPU)."""
         spec = checkpoint.spec
         self.task = model_task(spec)
         if self.task.conditioning == "text" and checkpoint.tokenizer is None:
@@ -105,7 +110,8 @@ class LatentDiffusionPipeline:
         self.spec = spec
         self.tokenizer = checkpoint.tokenizer
         # the Flax modules, keyed as the params: {"unet", "first_stage"[, "cond_stage"]}
-        self.modules = {name: module for name, (module, _) in network_modules(spec, dtype).items()}
+        modules = network_modules(spec, dtype, implementation_from_name(attention))
+        self.modules = {name: module for name, (module, _) in modules.items()}
         self.unet = self.modules["unet"]
         self.first_stage = self.modules["first_stage"]
         self.cond_stage = self.modules.get("cond_stage")
@@ -127,6 +133,7 @@ class LatentDiffusionPipeline:
         dtype=jnp.float32,
         *,
         compilation_cache_dir=None,
+        attention: str | None = None,
         **load_kwargs,
     ) -> LatentDiffusionPipeline:
         """Load a checkpoint (any ``LatentDiffusionCheckpoint.from_pretrained`` source) to sample.
@@ -136,7 +143,8 @@ class LatentDiffusionPipeline:
         checkpoint = LatentDiffusionCheckpoint.from_pretrained(
             path_or_hub_id, dtype=dtype, **load_kwargs
         )
-        return cls(checkpoint, dtype=dtype, compilation_cache_dir=compilation_cache_dir)
+        return cls(checkpoint, dtype=dtype, compilation_cache_dir=compilation_cache_dir,
+                   attention=attention)
 
     def save_pretrained(self, destination, *, format: str, overwrite: bool = False) -> Path:  # noqa: A002
         """Write the spec, params (in their current dtype) and tokenizer as "diffusers" (folder),

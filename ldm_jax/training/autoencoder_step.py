@@ -31,7 +31,13 @@ from ldm_jax.training.bound_step import BoundStep
 from ldm_jax.training.discriminator import NLayerDiscriminator
 from ldm_jax.training.ema import ema_decay, update_ema
 from ldm_jax.training.lpips import LPIPS
-from ldm_jax.training.sharding import DEFAULT_LOGICAL_RULES, batch_sharding, box_like, replicated
+from ldm_jax.training.sharding import (
+    DEFAULT_LOGICAL_RULES,
+    batch_sharding,
+    box_like,
+    replicated,
+    traced_on_mesh,
+)
 from ldm_jax.training.state import create_sharded_state
 
 _LAST_LAYER_INPUT = ("decoder", "norm_out")
@@ -51,11 +57,13 @@ class AutoencoderTrainState:
     ema_params: Any
 
 
-def build_autoencoder(config: AutoencoderConfig, dtype=jnp.float32) -> nn.Module:
-    """AutoencoderKL for an AutoencoderConfig, VQModel for a VQConfig."""
-    if isinstance(config, VQConfig):
-        return VQModel(config, dtype=dtype)
-    return AutoencoderKL(config, dtype=dtype)
+def build_autoencoder(
+    config: AutoencoderConfig, dtype=jnp.float32, attention: str | None = None
+) -> nn.Module:
+    """AutoencoderKL for an AutoencoderConfig, VQModel for a VQConfig; `attention` is the
+    attention implementation (None: chosen per call)."""
+    model_class = VQModel if isinstance(config, VQConfig) else AutoencoderKL
+    return model_class(config, dtype=dtype, attention_implementation=attention)
 
 
 def loss_kind(config: AutoencoderConfig) -> str:
@@ -285,7 +293,7 @@ def sharded_train_step(
     if lpips_params is not None:
         lpips_params = jax.device_put(lpips_params, replicated(mesh))
     jitted = jax.jit(
-        train_step,
+        traced_on_mesh(train_step, mesh),
         in_shardings=(state_shardings, replicated(mesh), batch_sharding(mesh), replicated(mesh)),
         out_shardings=(state_shardings, replicated(mesh)),
         donate_argnums=0,

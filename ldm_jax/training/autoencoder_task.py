@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from ldm_jax.checkpoints import LatentDiffusionCheckpoint
+from ldm_jax.models.attention_dispatch import implementation_from_name
 from ldm_jax.presets.autoencoders import AUTOENCODER_PRESETS
 from ldm_jax.spec import ModelSpec, spec_to_dict
 from ldm_jax.training import autoencoder_step as S
@@ -114,7 +115,8 @@ class AutoencoderTask:
         dtype = config.get("compute_dtype", "float32")
         if dtype not in _DTYPES:
             raise ValueError(f"unknown compute_dtype {dtype!r}; allowed: {sorted(_DTYPES)}")
-        self.model = S.build_autoencoder(self.first_stage, _DTYPES[dtype])
+        attention = implementation_from_name(config.get("attention", None))
+        self.model = S.build_autoencoder(self.first_stage, _DTYPES[dtype], attention)
         disc = NLayerDiscriminator(self.loss.disc_num_layers, self.loss.disc_ndf, _DTYPES[dtype])
         size = int(config.data.image_size)
         decay = float(config.ema.decay)

@@ -3,11 +3,20 @@
 Sections: trainer, seed, workdir_default, mesh, sharding_rules, model, diffusion, optimizer, ema,
 compute_dtype, remat, data, train, sample, distributed. Keys a trainer does not use are ignored;
 overrides of keys that do not exist are rejected by train.py.
+
+config.mesh (ldm_jax/training/mesh_config.py): `axes` ("data", "fsdp", "tensor"); `shape`, the
+devices along each axis within one slice (ICI), one -1 = the rest; `dcn_shape`, the slices along
+each axis (DCN), default all ones = one slice, one -1 = the rest; `process_is_granule`, True to
+count each process as a slice (multi-process CPU, GPU clusters). Axis i spans
+shape[i] * dcn_shape[i] devices. A 2-slice TPU pod: --config.mesh.dcn_shape="(2,1,1)" (data
+parallel across slices, fsdp within each); 2 GPU hosts: also
+--config.mesh.process_is_granule=True.
 """
 
 import ml_collections
 
 from ldm_jax.training.distributed import distributed_config
+from ldm_jax.training.mesh_config import mesh_config
 from ldm_jax.training.sharding import DEFAULT_LOGICAL_RULES
 
 
@@ -36,8 +45,8 @@ def base_config(trainer: str) -> ml_collections.ConfigDict:
     c.trainer = trainer
     c.seed = 0
     c.workdir_default = f"runs/{trainer}"
-    # batch over data x fsdp; params sharded over fsdp; -1 = every remaining device
-    c.mesh = ml_collections.ConfigDict({"axes": ("data", "fsdp", "tensor"), "shape": (1, -1, 1)})
+    # batch over data x fsdp; params sharded over fsdp; -1 = every remaining device of the slice
+    c.mesh = mesh_config()
     c.sharding_rules = DEFAULT_LOGICAL_RULES
     c.model = ml_collections.ConfigDict(
         {"init_from": "", "spec": ml_collections.ConfigDict(), "first_stage_from": "",
@@ -54,7 +63,8 @@ def base_config(trainer: str) -> ml_collections.ConfigDict:
     )
     c.ema = ml_collections.ConfigDict({"decay": 0.9999})
     c.compute_dtype = "float32"
-    c.remat = "none"
+    c.remat = "none"  # models/remat.py: none, blocks, save_dots, save_dots_no_batch, offload_dots
+    c.attention = "auto"  # auto (by backend, dtype, shape), xla, cudnn, blocked, splash
     from ldm_jax.data import default_data_config  # noqa: PLC0415
 
     c.data = default_data_config()

@@ -2,7 +2,8 @@
 
 A bad value found after a stage has trained costs that stage's time (the default run's sampling
 settings used to fail only after both stages), so train.py checks every stage's config up front:
-step and batch counts, and the sample settings (sampler name, steps, guidance) the run will use.
+step and batch counts, the mesh's shapes, and the sample settings (sampler name, steps,
+guidance) the run will use.
 Each failure is one ConfigError naming the key, the value and what is allowed.
 """
 
@@ -10,7 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ldm_jax.models.attention_dispatch import implementation_from_name
+from ldm_jax.models.remat import check_remat
 from ldm_jax.sampler_options import canonical_sampler, check_guidance
+from ldm_jax.training.mesh_config import mesh_settings
 
 
 class ConfigError(ValueError):
@@ -62,11 +66,36 @@ def check_sample(config) -> None:
             raise ConfigError(str(error)) from None
 
 
+def check_mesh(config) -> None:
+    """config.mesh: axes, shape, dcn_shape, process_is_granule well formed (whether they fit the
+    devices is checked when the mesh is built, after jax starts)."""
+    if _get(config, "mesh") is None:
+        return
+    try:
+        mesh_settings(config.mesh)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def check_execution(config) -> None:
+    """config.remat and config.attention: known names (models/remat.py, attention_dispatch.py)."""
+    for key, check in (("remat", check_remat), ("attention", implementation_from_name)):
+        value = _get(config, key)
+        if value is None or (key == "remat" and isinstance(value, bool)):
+            continue  # remat True / False: the older spelling of "blocks" / "none"
+        try:
+            check(value)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+
+
 def check_stage(config) -> None:
-    """One loop's config: steps, batch and sample settings."""
+    """One loop's config: steps, batch, mesh, remat / attention and sample settings."""
     _integer(config, "train.num_steps", 1)
     _integer(config, "data.global_batch_size", 1)
     _integer(config, "optimizer.grad_accum_steps", 1)
+    check_mesh(config)
+    check_execution(config)
     check_sample(config)
 
 

@@ -31,9 +31,11 @@ from ldm_jax.latent_diffusion import (
     schedule_from_spec,
     unet_conditioning,
 )
+from ldm_jax.models.attention_dispatch import implementation_from_name
 from ldm_jax.models.conditioning import drop_class_labels
 from ldm_jax.models.distributions import DiagonalGaussian
 from ldm_jax.models.factory import network_modules
+from ldm_jax.models.remat import check_remat
 from ldm_jax.spec import ModelSpec
 from ldm_jax.training.ema import ema_decay, update_ema
 from ldm_jax.training.ldm_loss import diffusion_loss
@@ -43,12 +45,12 @@ from ldm_jax.training.sharding import (
     box_like,
     logical_shardings,
     replicated,
+    traced_on_mesh,
     with_shardings,
 )
 from ldm_jax.training.state import TrainState, create_sharded_state, new_train_state
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-REMAT_CHOICES = ("none", "blocks")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +62,8 @@ class LDMTrainConfig:
     cond_drop_prob: float = 0.0  # conditioning replaced by the null one (classifier-free guidance)
     scale_by_std: bool = False  # scale_factor = 1 / std(first batch's latents), kept in the state
     compute_dtype: str = "float32"  # module dtype; params stay fp32 (master weights)
-    remat: str = "none"  # "blocks": recompute every UNet ResBlock/attention in the backward pass
+    remat: str = "none"  # a models/remat.py policy for every UNet ResBlock / attention layer
+    attention: str | None = None  # dot_product_attention implementation; None chooses per call
     ema_decay: float = 0.9999
     grad_accum_steps: int = 1  # must match the optimizer's MultiSteps k (EMA updates per update)
     train_cond_stage: bool | None = None  # None: spec.cond_stage.trainable
@@ -69,8 +72,8 @@ class LDMTrainConfig:
         if self.compute_dtype not in COMPUTE_DTYPES:
             allowed = list(COMPUTE_DTYPES)
             raise ValueError(f"compute_dtype {self.compute_dtype!r}; allowed: {allowed}")
-        if self.remat not in REMAT_CHOICES:
-            raise ValueError(f"remat {self.remat!r}; allowed: {REMAT_CHOICES}")
+        check_remat(self.remat)
+        implementation_from_name(self.attention)
         if not 0.0 <= self.cond_drop_prob <= 1.0:
             raise ValueError(f"cond_drop_prob must be in [0, 1]; got {self.cond_drop_prob}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -97,6 +100,7 @@ class LDMTrainConfig:
             scale_by_std=bool(get("diffusion", "scale_by_std", False)),
             compute_dtype=get(None, "compute_dtype", "float32"),
             remat=remat,
+            attention=implementation_from_name(get(None, "attention", None)),
             ema_decay=float(get("ema", "decay", 0.9999)),
             grad_accum_steps=int(get("optimizer", "grad_accum_steps", 1)),
             train_cond_stage=get("model", "train_cond_stage", None),
@@ -104,12 +108,14 @@ class LDMTrainConfig:
 
 
 def ldm_modules(spec: ModelSpec, cfg: LDMTrainConfig) -> dict[str, tuple[nn.Module, tuple]]:
-    """network_modules in the compute dtype, the UNet rematerialised when asked."""
+    """network_modules in the compute dtype and attention implementation, the UNet
+    rematerialised under the remat policy."""
     if spec.unet is None:
         raise ValueError("the ModelSpec has no UNet (first stage only): nothing to train here")
-    modules = network_modules(spec, COMPUTE_DTYPES[cfg.compute_dtype])
+    check_remat(cfg.remat, jax.default_backend())
+    modules = network_modules(spec, COMPUTE_DTYPES[cfg.compute_dtype], cfg.attention)
     unet, inputs = modules["unet"]
-    modules["unet"] = (unet.clone(use_checkpoint=cfg.remat == "blocks"), inputs)
+    modules["unet"] = (unet.clone(remat=cfg.remat), inputs)
     return modules
 
 
@@ -337,7 +343,7 @@ def make_ldm_train_step(
     abstract_state, abstract_frozen = ldm_state_shardings(spec, cfg, optimizer, mesh, rules)
     state_sh, frozen_sh = _shardings_of(abstract_state), _shardings_of(abstract_frozen)
     return jax.jit(
-        train_step,
+        traced_on_mesh(train_step, mesh),
         in_shardings=(state_sh, frozen_sh, batch_sharding(mesh), replicated(mesh)),
         out_shardings=(state_sh, replicated(mesh)),
         donate_argnums=0,

@@ -4,12 +4,14 @@ cycle."""
 
 from __future__ import annotations
 
-from ldm_jax.training.sharding import data_parallel_size, make_mesh
+from ldm_jax.training.mesh import mesh_from_settings
+from ldm_jax.training.sharding import data_parallel_size
 
 
 def mesh_from_config(config):
-    """The device Mesh of config.mesh (axes, shape with one -1 = the rest)."""
-    return make_mesh(tuple(config.mesh.axes), tuple(config.mesh.shape))
+    """The device Mesh of config.mesh: axes, shape (within a slice), dcn_shape (slices),
+    process_is_granule (ldm_jax/training/mesh_config.py)."""
+    return mesh_from_settings(config.mesh)
 
 
 def check_global_batch(global_batch_size: int, mesh) -> int:

@@ -6,6 +6,7 @@ passes in. A dimension whose size the mesh axes do not divide is replicated inst
 4-channel output conv of a UNet on an 8-way fsdp axis), so any rules work with any model.
 """
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -13,6 +14,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ldm_jax.training.mesh import make_pod_mesh
 
 # (logical axis, mesh axis | tuple of mesh axes | None). Big kernels are sharded over "fsdp" along
 # their output features (and over "tensor" along their input features when that axis is > 1).
@@ -30,26 +33,9 @@ BATCH_AXES = ("data", "fsdp")
 
 
 def make_mesh(axes: Sequence[str], shape: Sequence[int], devices=None) -> Mesh:
-    """A Mesh of `devices` (default: all) with named `axes`; one -1 in `shape` takes the rest."""
-    axes, shape = tuple(axes), tuple(int(s) for s in shape)
-    devices = list(jax.devices() if devices is None else devices)
-    if len(axes) != len(shape) or len(set(axes)) != len(axes):
-        raise ValueError(f"mesh axes {axes} and shape {shape} must have equal length, unique names")
-    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-        raise ValueError(f"mesh shape {shape}: sizes must be >= 1 with at most one -1")
-    known = math.prod(s for s in shape if s != -1)
-    if len(devices) % known:
-        raise ValueError(
-            f"mesh shape {shape} does not divide the {len(devices)} devices "
-            f"(product of the fixed sizes is {known})"
-        )
-    shape = tuple(len(devices) // known if s == -1 else s for s in shape)
-    if math.prod(shape) != len(devices):
-        raise ValueError(
-            f"mesh shape {shape} has {math.prod(shape)} devices but {len(devices)} are available; "
-            "use -1 for one axis to take the rest"
-        )
-    return Mesh(np.asarray(devices, dtype=object).reshape(shape), axes)
+    """A one-slice Mesh of `devices` (default: all) with named `axes`; one -1 in `shape` takes the
+    rest. Topology-aware on TPU/GPU; pod meshes (ICI x DCN): ldm_jax/training/mesh.py."""
+    return make_pod_mesh(axes, shape, None, False, devices)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -76,6 +62,19 @@ def data_parallel_size(mesh: Mesh) -> int:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) dimension split over the data-parallel axes, the rest replicated."""
     return NamedSharding(mesh, PartitionSpec(batch_axes(mesh) or None))
+
+
+def traced_on_mesh(fn, mesh: Mesh):
+    """`fn` traced with `mesh` as the abstract mesh in context, so kernels that must run per
+    device (Pallas splash attention, models/splash_attention.py) find the batch axes to
+    `shard_map` over; on the default (auto) axis types nothing else changes."""
+
+    @functools.wraps(fn)
+    def traced(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args)
+
+    return traced
 
 
 def is_boxed(x) -> bool:

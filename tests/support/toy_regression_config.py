@@ -12,6 +12,7 @@ from pathlib import Path
 import ml_collections
 
 from ldm_jax.training.distributed import distributed_config
+from ldm_jax.training.mesh_config import mesh_config
 from ldm_jax.training.sharding import DEFAULT_LOGICAL_RULES
 
 PATH = str(Path(__file__).resolve())  # what --config takes
@@ -23,7 +24,7 @@ def get_config(arg=None):
     c.trainer = "toy_regression"
     c.seed = 0
     c.workdir_default = "runs/toy_regression"
-    c.mesh = ml_collections.ConfigDict({"axes": ("data", "fsdp", "tensor"), "shape": (1, -1, 1)})
+    c.mesh = mesh_config()
     c.sharding_rules = DEFAULT_LOGICAL_RULES
     c.toy = ml_collections.ConfigDict({"dim": 16, "out_dim": 8, "noise": 0.1, "nan_at_step": -1})
     c.optimizer = ml_collections.ConfigDict(
