@@ -10,7 +10,8 @@ no discriminator); stage 2 trains a small text-conditioned UNet on its latents w
 CLIP-architecture text transformer trained jointly from scratch (packaged CLIP BPE tokenizer).
 Everything lands in the workdir (runs/default): autoencoder/ and ldm/ (checkpoints, metrics,
 TensorBoard), first_stage/ (the exported autoencoder), model/ (the final checkpoint, EMA weights,
-orbax: `python sample.py --prompt "..."` uses it), samples.png (the SAMPLE_PROMPTS grid).
+orbax: `python sample.py --prompt "..."` uses it), samples.png (the SAMPLE_PROMPTS grid, also in
+ldm/samples/), autoencoder/samples/ (stage 1's reconstructions at its last step).
 
 config.first_stage.* is stage 1; the rest of the config (model, optimizer, data, train, sample, ...)
 is stage 2. Measured on 2 CPU cores (jax 0.10.2, 2026-11-26): `python train.py` 17 min 17 s wall;
@@ -96,7 +97,11 @@ def first_stage_config() -> ml_collections.ConfigDict:
         "loss": {"kl_weight": 1e-6, "perceptual_weight": 0.0, "disc_start": 10**9,
                  "disc_weight": 0.5, "disc_num_layers": 1, "disc_ndf": 8},
         "ema_decay": 0.0,  # 0: no EMA (the cosine schedule ends at a tenth of the rate)
-        "train": train_config(num_steps=800, log_every=100, checkpoint_every=400),
+        # a reconstruction grid (originals over reconstructions) in autoencoder/samples/ at the
+        # end of the stage: one forward pass of 8 images
+        "sample_images": 8,
+        "train": train_config(num_steps=800, log_every=100, checkpoint_every=400,
+                              sample_every=800),
     })
 
 
@@ -123,8 +128,10 @@ def get_config(arg=None):
         c.model.spec = spec_to_dict(CI_SPEC)
         c.first_stage.global_batch_size = 8
         c.first_stage.optimizer.warmup_steps = 0
+        c.first_stage.sample_images = 4
         c.first_stage.train = train_config(num_steps=2, log_every=1, checkpoint_every=0,
-                                           async_checkpointing=False, progress_bar=False)
+                                           sample_every=2, async_checkpointing=False,
+                                           progress_bar=False)
         c.optimizer.warmup_steps = 0
         c.data.update(dict(global_batch_size=8, num_threads=0))
         c.train = train_config(num_steps=2, log_every=1, checkpoint_every=0,

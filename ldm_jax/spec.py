@@ -212,6 +212,7 @@ _POSITIVE_FIELDS = {
     "vocab_size",
     "max_length",
     "num_timesteps",
+    "norm_num_groups",  # GroupNorm groups (UNetConfig/AutoencoderConfig; absent in old specs: 32)
 }
 
 

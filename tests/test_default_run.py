@@ -87,6 +87,9 @@ def test_default_run_end_to_end_then_sample_py(tmp_path, monkeypatch, capsys):
     assert 'next: python sample.py --prompt "' in out  # default workdir: no --checkpoint needed
     for stage in ("autoencoder", "ldm"):  # both loops ran to their last step and saved it
         assert (workdir / stage / "checkpoints" / "2").is_dir()
+    # each stage labelled, its compile time said once; no MFU line on CPU
+    assert out.count("stage 1/2: autoencoder: compiled in") == 1
+    assert out.count("stage 2/2: ldm: compiled in") == 1 and "MFU" not in out
 
     model = LatentDiffusionCheckpoint.from_pretrained(str(workdir / "model"))
     first = LatentDiffusionCheckpoint.from_pretrained(str(workdir / "first_stage"))
@@ -101,6 +104,11 @@ def test_default_run_end_to_end_then_sample_py(tmp_path, monkeypatch, capsys):
     assert model.tokenizer.max_length == model.spec.cond_stage.config.max_length == 16
     grid = np.asarray(Image.open(workdir / "samples.png"))
     assert grid.shape == (64, 64, 3)  # 4 images of 32 px, 2 x 2
+    # the stages' grids in their samples/ (README): stage 1's reconstructions, stage 2's EMA grid
+    assert [p.name for p in (workdir / "autoencoder" / "samples").iterdir()] == [
+        "samples_00000002.png"]
+    stage_grid = workdir / "ldm" / "samples" / "samples_00000002.png"
+    assert stage_grid.read_bytes() == (workdir / "samples.png").read_bytes()
 
     # the same command again: the run is complete; no re-export, re-sampling or new config.json
     before = _snapshot(workdir)

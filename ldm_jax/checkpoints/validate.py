@@ -73,6 +73,7 @@ UNET_FIELDS = {
     "projection_class_embeddings_input_dim": "int?",
     "downsample_type": "str?",
     "upsample_type": "str?",
+    "norm_num_groups": "int?",  # null: diffusers' per-block groups, refused with its own error
     "attn_norm_num_groups": "int?",
     "sample_size": "int|ints?",
     "dropout": "float",
@@ -90,6 +91,7 @@ AUTOENCODER_FIELDS = {
     "vq_embed_dim": "int?",
     "scaling_factor": "float",
     "mid_block_add_attention": "bool",
+    "norm_num_groups": "int",
 }
 CLIP_TEXT_FIELDS = {
     "vocab_size": "int",
@@ -132,6 +134,8 @@ _POSITIVE = {
     "head_dim",
     "d_model",
     "latent_channels",
+    "norm_num_groups",
+    "attn_norm_num_groups",
 }
 
 

@@ -187,6 +187,7 @@ class AttentionBlock(nn.Module):
     implementation: str | None = None
     zero_init_out: bool = False  # openaimodel zero-initialises proj_out; the autoencoder does not
     dtype: Dtype = jnp.float32
+    norm_num_groups: int = 32  # CompVis: 32; diffusers: the model's norm_num_groups
 
     @nn.compact
     def __call__(self, x_BHWC):
@@ -196,7 +197,7 @@ class AttentionBlock(nn.Module):
             raise ValueError(
                 f"AttentionBlock: {self.num_heads} heads x {head_dim} channels != {c} channels"
             )
-        y = GroupNorm(32, self.norm_eps, self.dtype, name="norm")(x_BHWC)
+        y = GroupNorm(self.norm_num_groups, self.norm_eps, self.dtype, name="norm")(x_BHWC)
         y_BTC = MultiHeadAttention(
             self.num_heads,
             head_dim,
@@ -283,6 +284,7 @@ class SpatialTransformer(nn.Module):
     upcast: bool = False
     implementation: str | None = None
     dtype: Dtype = jnp.float32
+    norm_num_groups: int = 32  # CompVis: 32; diffusers: the UNet's norm_num_groups
 
     @nn.compact
     def __call__(self, x_BHWC, context_BSD=None, *, deterministic: bool = True):
@@ -294,7 +296,7 @@ class SpatialTransformer(nn.Module):
                     "that this network was built for"
                 )
         inner = self.num_heads * self.head_dim
-        y = GroupNorm(32, 1e-6, self.dtype, name="norm")(x_BHWC)
+        y = GroupNorm(self.norm_num_groups, 1e-6, self.dtype, name="norm")(x_BHWC)
         y_BTI = dense(inner, name="proj_in", dtype=self.dtype)(y.reshape(b, h * w, c))
         for i in range(self.depth):
             y_BTI = BasicTransformerBlock(

@@ -17,7 +17,8 @@ from ldm_jax.models.attention import AttentionBlock
 from ldm_jax.models.distributions import DiagonalGaussian
 from ldm_jax.models.layers import Dtype, GroupNorm, conv
 
-# CompVis' Normalize(): GroupNorm(32 groups, eps 1e-6) everywhere in the autoencoder.
+# CompVis' Normalize(): GroupNorm(32 groups, eps 1e-6) everywhere in the autoencoder; the group
+# count is AutoencoderConfig.norm_num_groups (diffusers' norm_num_groups), 32 in CompVis.
 _GROUPS, _EPS = 32, 1e-6
 
 
@@ -38,6 +39,22 @@ class AutoencoderConfig:
     double_z: bool = True  # the encoder outputs mean and log-variance (KL) or latents only (VQ)
     dropout: float = 0.0
     mid_attention: bool = True  # False: CompVis attn_type "none" (vq-f4-noattn)
+    norm_num_groups: int = _GROUPS  # GroupNorm groups of every norm (diffusers norm_num_groups)
+
+    def __post_init__(self):
+        groups = self.norm_num_groups
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise ValueError(f"norm_num_groups must be an int >= 1; got {groups!r}")
+        if not all(type(v) is int for v in (self.ch, *self.ch_mult)):
+            return  # wrong types: validate_spec names them; no arithmetic on untrusted values
+        # every GroupNorm sees ch (after conv_in) or a level's width ch x ch_mult
+        widths = sorted({self.ch} | {m * self.ch for m in self.ch_mult})
+        bad = [c for c in widths if c % groups]
+        if bad:
+            raise ValueError(
+                f"norm_num_groups={groups} must divide the channels of every GroupNorm "
+                f"(ch x ch_mult = {widths}); {bad} are not divisible"
+            )
 
     @property
     def num_levels(self) -> int:
@@ -77,12 +94,14 @@ class ResnetBlock(nn.Module):
     out_channels: int
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
+    norm_num_groups: int = _GROUPS
 
     @nn.compact
     def __call__(self, x_BHWC, *, deterministic: bool = True):
-        h = nn.silu(GroupNorm(_GROUPS, _EPS, self.dtype, name="norm1")(x_BHWC))
+        groups = self.norm_num_groups
+        h = nn.silu(GroupNorm(groups, _EPS, self.dtype, name="norm1")(x_BHWC))
         h = conv(self.out_channels, 3, name="conv1", dtype=self.dtype)(h)
-        h = nn.silu(GroupNorm(_GROUPS, _EPS, self.dtype, name="norm2")(h))
+        h = nn.silu(GroupNorm(groups, _EPS, self.dtype, name="norm2")(h))
         h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
         h = conv(self.out_channels, 3, name="conv2", dtype=self.dtype)(h)
         if x_BHWC.shape[-1] != self.out_channels:
@@ -125,13 +144,12 @@ class _Level(nn.Module):
     dropout: float
     attention_implementation: str | None
     dtype: Dtype
+    norm_num_groups: int = _GROUPS
 
     @nn.compact
     def __call__(self, h, *, deterministic: bool):
         for i in range(self.num_blocks):
-            h = ResnetBlock(self.out_channels, self.dropout, self.dtype, name=f"block_{i}")(
-                h, deterministic=deterministic
-            )
+            h = _resnet(self, self.out_channels, f"block_{i}")(h, deterministic=deterministic)
             if self.attention:
                 h = _attention(self, f"attn_{i}")(h)
         if self.resample == "down":
@@ -148,18 +166,21 @@ class _MidBlock(nn.Module):
     dropout: float
     attention_implementation: str | None
     dtype: Dtype
+    norm_num_groups: int = _GROUPS
 
     @nn.compact
     def __call__(self, h, *, deterministic: bool):
         channels = h.shape[-1]
-        h = ResnetBlock(channels, self.dropout, self.dtype, name="block_1")(
-            h, deterministic=deterministic
-        )
+        h = _resnet(self, channels, "block_1")(h, deterministic=deterministic)
         if self.attention:
             h = _attention(self, "attn_1")(h)
-        return ResnetBlock(channels, self.dropout, self.dtype, name="block_2")(
-            h, deterministic=deterministic
-        )
+        return _resnet(self, channels, "block_2")(h, deterministic=deterministic)
+
+
+def _resnet(parent: nn.Module, out_channels: int, name: str) -> ResnetBlock:
+    return ResnetBlock(
+        out_channels, parent.dropout, parent.dtype, parent.norm_num_groups, name=name
+    )
 
 
 def _attention(parent: nn.Module, name: str) -> AttentionBlock:
@@ -169,13 +190,15 @@ def _attention(parent: nn.Module, name: str) -> AttentionBlock:
         norm_eps=_EPS,
         implementation=parent.attention_implementation,
         dtype=parent.dtype,
+        norm_num_groups=parent.norm_num_groups,
         name=name,
     )
 
 
 def _output_head(module: nn.Module, h, out_channels: int):
     """norm_out -> SiLU -> conv_out, the last layers of both encoder and decoder."""
-    h = nn.silu(GroupNorm(_GROUPS, _EPS, module.dtype, name="norm_out")(h))
+    groups = module.config.norm_num_groups
+    h = nn.silu(GroupNorm(groups, _EPS, module.dtype, name="norm_out")(h))
     return conv(out_channels, 3, name="conv_out", dtype=module.dtype)(h)
 
 
@@ -200,10 +223,16 @@ class Encoder(nn.Module):
                 cfg.dropout,
                 self.attention_implementation,
                 self.dtype,
+                cfg.norm_num_groups,
                 name=f"down_{level}",
             )(h, deterministic=deterministic)
         h = _MidBlock(
-            cfg.mid_attention, cfg.dropout, self.attention_implementation, self.dtype, name="mid"
+            cfg.mid_attention,
+            cfg.dropout,
+            self.attention_implementation,
+            self.dtype,
+            cfg.norm_num_groups,
+            name="mid",
         )(h, deterministic=deterministic)
         out = 2 * cfg.z_channels if cfg.double_z else cfg.z_channels
         return _output_head(self, h, out)
@@ -222,7 +251,12 @@ class Decoder(nn.Module):
         check_latent(z_BHWC, cfg.z_channels)
         h = conv(cfg.ch * cfg.ch_mult[-1], 3, name="conv_in", dtype=self.dtype)(z_BHWC)
         h = _MidBlock(
-            cfg.mid_attention, cfg.dropout, self.attention_implementation, self.dtype, name="mid"
+            cfg.mid_attention,
+            cfg.dropout,
+            self.attention_implementation,
+            self.dtype,
+            cfg.norm_num_groups,
+            name="mid",
         )(h, deterministic=deterministic)
         for level in reversed(range(cfg.num_levels)):
             h = _Level(
@@ -233,6 +267,7 @@ class Decoder(nn.Module):
                 cfg.dropout,
                 self.attention_implementation,
                 self.dtype,
+                cfg.norm_num_groups,
                 name=f"up_{level}",
             )(h, deterministic=deterministic)
         return _output_head(self, h, cfg.out_channels)

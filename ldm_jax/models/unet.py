@@ -53,6 +53,8 @@ class UNetConfig:
     disable_self_attentions: tuple[bool, ...] | None = None  # one per level
     dropout: float = 0.0
     upcast_attention: bool = False
+    # GroupNorm groups of every norm (diffusers norm_num_groups; openaimodel: always 32)
+    norm_num_groups: int = NORM_GROUPS
 
     def __post_init__(self):
         for name in ("channel_mult", "attention_resolutions", "disable_self_attentions"):
@@ -90,6 +92,23 @@ class UNetConfig:
                 )
             if self.adm_in_channels is None:
                 raise ValueError("num_classes='sequential' needs adm_in_channels")
+        self._check_norm_groups()
+
+    def _check_norm_groups(self) -> None:
+        groups = self.norm_num_groups
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise ValueError(f"norm_num_groups must be an int >= 1; got {groups!r}")
+        mc = self.model_channels
+        if not all(type(v) is int for v in (mc, *self.channel_mult)):
+            return  # wrong types: validate_spec names them; no arithmetic on untrusted values
+        # every GroupNorm sees model_channels or a level's width (or a sum of them)
+        widths = sorted({mc} | {m * mc for m in self.channel_mult})
+        bad = [c for c in widths if c % groups]
+        if bad:
+            raise ValueError(
+                f"norm_num_groups={groups} must divide the channels of every GroupNorm "
+                f"(model_channels x channel_mult = {widths}); {bad} are not divisible"
+            )
 
     def per_level(self, name: str) -> tuple[int, ...]:
         value = getattr(self, name)
@@ -250,7 +269,13 @@ class UNet(nn.Module):
 
         def res_block(name, out_channels, resample=None):
             return ResBlock(
-                out_channels, cfg.use_scale_shift_norm, resample, cfg.dropout, dtype=d, name=name
+                out_channels,
+                cfg.use_scale_shift_norm,
+                resample,
+                cfg.dropout,
+                dtype=d,
+                norm_num_groups=cfg.norm_num_groups,
+                name=name,
             )
 
         def attend(name, spec, h):
@@ -263,6 +288,7 @@ class UNet(nn.Module):
                     zero_init_out=True,
                     implementation=self.attention_implementation,
                     dtype=d,
+                    norm_num_groups=cfg.norm_num_groups,
                     name=name,
                 )
                 return run(block, h)
@@ -276,6 +302,7 @@ class UNet(nn.Module):
                 upcast=cfg.upcast_attention,
                 implementation=self.attention_implementation,
                 dtype=d,
+                norm_num_groups=cfg.norm_num_groups,
                 name=name,
             )
             return run(block, h, context_BSD)
@@ -309,7 +336,7 @@ class UNet(nn.Module):
             elif block.resample:
                 h = Upsample(cfg.conv_resample, d, name=f"{name}_up")(h)
 
-        h = nn.silu(GroupNorm(NORM_GROUPS, NORM_EPS, d, name="out_norm")(h))
+        h = nn.silu(GroupNorm(cfg.norm_num_groups, NORM_EPS, d, name="out_norm")(h))
         return conv(cfg.out_channels, 3, name="out_conv", dtype=d, zero_init=True)(h)
 
     def _check_inputs(self, x_BHWC, timesteps_B, context_BSD, y) -> jax.Array:

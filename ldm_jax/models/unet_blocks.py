@@ -13,7 +13,8 @@ import jax.numpy as jnp
 
 from ldm_jax.models.layers import Dtype, GroupNorm, conv, dense
 
-# openaimodel's normalization(): GroupNorm32 with torch's default eps.
+# openaimodel's normalization(): GroupNorm32 with torch's default eps. The group count is a
+# UNetConfig hyper-parameter (diffusers norm_num_groups); CompVis always uses this default.
 NORM_GROUPS = 32
 NORM_EPS = 1e-5
 
@@ -81,6 +82,7 @@ class ResBlock(nn.Module):
     dropout: float = 0.0
     zero_init: bool = True  # zero_module on the last conv, as openaimodel initialises it
     dtype: Dtype = jnp.float32
+    norm_num_groups: int = NORM_GROUPS
 
     @nn.compact
     def __call__(self, x_BHWC, emb_BE, deterministic: bool = True):
@@ -88,7 +90,7 @@ class ResBlock(nn.Module):
             raise ValueError(f"ResBlock resample must be None, 'down' or 'up'; got {self.resample}")
 
         def norm(name):
-            return GroupNorm(NORM_GROUPS, NORM_EPS, self.dtype, name=name)
+            return GroupNorm(self.norm_num_groups, NORM_EPS, self.dtype, name=name)
 
         h = nn.silu(norm("in_norm")(x_BHWC))
         if self.resample == "down":

@@ -25,6 +25,7 @@ class VQConfig(AutoencoderConfig):
     beta: float = 0.25  # weight of the commitment-side term of the codebook loss
 
     def __post_init__(self):
+        super().__post_init__()
         if self.double_z:
             raise ValueError(
                 "a VQ autoencoder's encoder outputs latents only: double_z must be False"

@@ -53,6 +53,24 @@ _LOSS_DEFAULTS = dict(
     learn_logvar=False, lpips_weights="",
 )
 BASE_LEARNING_RATE = 4.5e-6  # CompVis base_learning_rate, scaled by the global batch
+# the patch-GAN's metrics: all zero or untrained noise while the discriminator is off
+GAN_METRICS = frozenset({"g_loss", "d_weight", "disc_factor", "disc_loss", "logits_real",
+                         "logits_fake", "disc_grad_norm"})
+
+
+def hidden_metrics(loss: AutoencoderLossConfig, step: int) -> frozenset:
+    """The step's metrics that the config makes zero, constant or duplicate (not worth showing;
+    metrics.jsonl keeps them): the GAN terms up to disc_start (metrics of `step` come from the
+    state at step - 1) or with disc_factor 0, a logvar that is not trained, and rec_loss when
+    it is l1_loss (no perceptual term). VQ metrics only exist for VQ models."""
+    hidden = set()
+    if step <= loss.disc_start or loss.disc_factor == 0:
+        hidden |= GAN_METRICS
+    if not loss.learn_logvar:
+        hidden.add("logvar")
+    if loss.perceptual_weight == 0:
+        hidden.add("rec_loss")
+    return frozenset(hidden)
 
 
 def loss_config(**overrides) -> ml_collections.ConfigDict:
@@ -144,6 +162,9 @@ class AutoencoderTask:
         return make_train_dataset(self.config.data, None, self.global_batch_size,
                                   int(self.config.seed),
                                   data_parallel_size=data_parallel_size(self.mesh))
+
+    def hidden_metrics(self, step: int) -> frozenset:
+        return hidden_metrics(self.loss, step)
 
     def trained_params(self, state):
         """The autoencoder's EMA weights when kept, else its weights (host numpy)."""

@@ -1,11 +1,13 @@
 """The built-in default run (config.trainer = "default", configs/default.py): two stages, one model.
 
     stage 1  the first stage (a KL autoencoder) on the data's images       -> workdir/autoencoder/
+             its reconstruction grid (config.first_stage.sample_images)     -> autoencoder/samples/
              exported as a first-stage-only checkpoint                      -> workdir/first_stage/
     stage 2  the LDM ("ldm" task) on that frozen first stage, its text
              encoder trained jointly                                        -> workdir/ldm/
     then     the final model (EMA weights, measured scale_factor), orbax    -> workdir/model/
              and a grid of config.sample.prompts                            -> workdir/samples.png
+             (also ldm/samples/samples_<step>.png, where the loop puts a stage's grids)
 
 Each stage is the generic loop (`loop.run`) in its own folder, so a rerun of the same command
 resumes the stage that was running and skips finished ones (their last checkpoint is at
@@ -53,7 +55,8 @@ def stage_configs(config) -> tuple[ml_collections.ConfigDict, ml_collections.Con
     first.train = copy.deepcopy(stage.train)
     first.loss = copy.deepcopy(stage.loss)
     first.ema.decay = float(stage.ema_decay)
-    first.sample.num_images = 0
+    # originals over reconstructions, every first_stage.train.sample_every steps and at the end
+    first.sample.num_images = int(stage.get("sample_images", 0))
     # the autoencoder task reads the first stage from a first-stage-only spec
     spec = spec_from_dict(_plain(config.model.spec))
     first.model.spec = ml_collections.ConfigDict(
@@ -93,7 +96,8 @@ class DefaultRun:
                                                                      self.ldm_config))
         say(f"stage 1/2: autoencoder, {first_steps} steps -> {workdir / AUTOENCODER_DIR}")
         first_task = AutoencoderTask(self.first_config)
-        first = loop.run(self.first_config, workdir / AUTOENCODER_DIR, first_task, stream=stream)
+        first = loop.run(self.first_config, workdir / AUTOENCODER_DIR, first_task, stream=stream,
+                         label="stage 1/2: autoencoder")
         if first.preempted:
             return first
         first_stage = self._export_first_stage(first_task, first.state, workdir / FIRST_STAGE_DIR)
@@ -104,11 +108,13 @@ class DefaultRun:
         say(f"stage 2/2: text-to-image LDM, {ldm_steps} steps -> {workdir / LDM_DIR}")
         task = LDMTask(self.ldm_config)
         task.init_params = {"first_stage": first_stage}
-        result = loop.run(self.ldm_config, workdir / LDM_DIR, task, stream=stream)
+        result = loop.run(self.ldm_config, workdir / LDM_DIR, task, stream=stream,
+                          label="stage 2/2: ldm")
         if result.preempted:
             return result
         model = self._export_model(task, result.state, workdir / MODEL_DIR)
-        grid, report = self._sample_grid(model, workdir / GRID_NAME)
+        stage_grid = workdir / LDM_DIR / "samples" / f"samples_{ldm_steps:08d}.png"
+        grid, report = self._sample_grid(model, workdir / GRID_NAME, stage_grid)
         say(f"stage 2 done ({time.perf_counter() - start:.0f} s in all): model {model}, "
             f"samples {grid}")
         if report is not None:
@@ -133,9 +139,10 @@ class DefaultRun:
             checkpoint.save_pretrained(path, format="orbax", overwrite=True)
         return path
 
-    def _sample_grid(self, model: Path, path: Path):
+    def _sample_grid(self, model: Path, path: Path, stage_grid: Path):
         """(grid path, adherence report or None): config.sample.prompts sampled from the saved
-        model (read back, as sample.py would), tiled into a PNG."""
+        model (read back, as sample.py would), tiled into a PNG at `path` and at `stage_grid` (stage
+        2's samples/ folder: the grid of its EMA weights at the last step)."""
         if jax.process_index() != 0:
             return path, None
         from ldm_jax.sampling.pipeline import LatentDiffusionPipeline  # noqa: PLC0415
@@ -149,7 +156,9 @@ class DefaultRun:
                                  guidance_scale=float(sample.guidance),
                                  sampler=sampler_name(sample.sampler),
                                  seed=int(self.config.seed)))
-        write_png(make_grid(images), path)
+        grid = make_grid(images)
+        write_png(grid, stage_grid)
+        write_png(grid, path)  # last: its presence marks the run complete
         return path, _adherence(images, prompts)
 
 

@@ -10,11 +10,19 @@ A task owns the model side; the loop owns everything around it:
                                     a jitted step or a bound_step.BoundStep (AOT-compiled once)
     task.make_iterator()            global batches; get_state() / set_state(s) with JSON-able s
     task.sample(state, rng)         optional: a uint8 [H, W, 3] grid (EMA params) or None
+    task.hidden_metrics(step)       optional: metric names not worth showing at that step (zero or
+                                    constant by the config); metrics.jsonl still gets them all
 
 The loop resumes from the newest checkpoint in `workdir/checkpoints`, folds the step number into
 the seed for each step's rng (so a resumed run draws the same noise), logs every `log_every` steps,
-checkpoints every `checkpoint_every` steps and at the end, stops cleanly on SIGTERM (finish the
-step, save, return), and stops on a NaN/Inf loss without saving that state.
+checkpoints every `checkpoint_every` steps and at the end, writes sample grids every
+`sample_every` steps and at the end, stops cleanly on SIGTERM (finish the step, save, return), and
+stops on a NaN/Inf loss without saving that state.
+
+Display (process 0, stderr): a bar labelled "<label> (compiling)" until the first step is done,
+then "compiled in N s" once and the training bar (the label, the last loss as postfix), whose
+clock, and so its rate and ETA, starts after that first step. Log lines go through the bar
+(`tqdm.write`) while it is shown.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from ldm_jax.atomic import atomic_output
 from ldm_jax.training import metrics as metrics_lib
@@ -141,10 +150,11 @@ def is_complete(config, workdir) -> bool:
     return step is not None and step >= int(config.train.num_steps)
 
 
-def run(config, workdir, task, *, stream=None) -> RunResult:
+def run(config, workdir, task, *, stream=None, label: str | None = None) -> RunResult:
     """Train `task` for config.train.num_steps steps in `workdir`, resuming from its checkpoints.
 
-    A finished workdir takes no step and keeps its config.json (the record of what was trained)."""
+    `label` names the run on the progress bar (default: config.trainer). A finished workdir takes
+    no step and keeps its config.json (the record of what was trained)."""
     train = config.train
     workdir = Path(workdir).absolute()
     try:
@@ -185,16 +195,20 @@ def run(config, workdir, task, *, stream=None) -> RunResult:
         batches.set_state(data_state)
         writer.write_text(f"resumed from {checkpointer.directory / str(start)} (step {start})")
 
+    device = jax.devices()[0]
     peak = metrics_lib.peak_flops_per_device(
-        jax.devices()[0].device_kind, float(train.get("peak_flops_per_device", 0.0))
+        device.device_kind, float(train.get("peak_flops_per_device", 0.0))
     )
-    if peak is None:
-        writer.write_text(f"MFU: unknown peak FLOP/s for device {jax.devices()[0].device_kind!r} "
+    if peak is None and device.platform != "cpu":  # a CPU has no meaningful peak: no MFU, no hint
+        writer.write_text(f"MFU: unknown peak FLOP/s for device {device.device_kind!r} "
                           "(set train.peak_flops_per_device)")
-    from tqdm.auto import tqdm  # noqa: PLC0415
-
-    bar = tqdm(total=num_steps, initial=start, unit="step", file=sys.stderr,
-               disable=not main or not train.get("progress_bar", True))
+    label = label or str(config.get("trainer", "train"))
+    show_bar = main and bool(train.get("progress_bar", True))
+    hidden_metrics = getattr(task, "hidden_metrics", lambda step: ())
+    # until the first step is done: a bar that only says what is happening (compiling)
+    bar = _bar(f"{label} (compiling)", num_steps, start, show_bar and start < num_steps,
+               leave=False)
+    writer.bar = bar if show_bar else None
     step_fn, flops = None, None
     pending = None  # (step number after it, metrics on device): resolved one step late
     last = {}
@@ -212,6 +226,8 @@ def run(config, workdir, task, *, stream=None) -> RunResult:
         pending = None
         last = _host_metrics(device_metrics)
         _check_finite(done, last)
+        if "loss" in last:
+            bar.set_postfix(loss=f"{last['loss']:.4g}", refresh=False)
         window_steps += 1
         if done % log_every == 0 or done == num_steps:
             now = time.perf_counter()
@@ -221,7 +237,7 @@ def run(config, workdir, task, *, stream=None) -> RunResult:
                 extra["samples_per_second"] = steps_per_second * task.global_batch_size
                 extra["steps_per_second"] = steps_per_second
                 extra["mfu"] = metrics_lib.mfu(flops, steps_per_second, peak)
-            writer.write_scalars(done, {**last, **extra})
+            writer.write_scalars(done, {**last, **extra}, hidden=hidden_metrics(done))
             window_start, window_steps = now, 0
 
     try:
@@ -230,18 +246,29 @@ def run(config, workdir, task, *, stream=None) -> RunResult:
             while step < num_steps:
                 batch = next(batches)
                 rng_i = jax.random.fold_in(step_rng, step)
-                if step_fn is None:
+                first = step_fn is None
+                if first:
+                    compile_start = time.perf_counter()
                     step_fn, flops = _compile(task.train_step, state, batch, rng_i)
-                    if flops is not None:
-                        writer.write_text(f"train step: {flops:.4g} FLOPs per device")
+                    compile_end = time.perf_counter()
                 state, device_metrics = step_fn(state, batch, rng_i)
                 resolve()  # the previous step's metrics, while this one runs
-                if window_start is None:  # time from the end of the first (compiling) step
+                if first:  # time (samples/s, the bar's ETA) from the end of the first step
                     jax.block_until_ready(device_metrics)
                     window_start, window_steps = time.perf_counter(), -1
+                    # AOT: the compile alone; a plain callable compiles inside its first call
+                    aot = hasattr(task.train_step, "lower")
+                    took = (compile_end if aot else window_start) - compile_start
+                    bar.close()
+                    writer.bar = None
+                    per_step = f", {flops:.4g} FLOPs per device per step" if flops else ""
+                    writer.write_text(f"{label}: compiled in {took:.1f} s{per_step}")
+                    bar = _bar(label, num_steps, step + 1, show_bar, leave=True)
+                    writer.bar = bar if show_bar else None
+                else:
+                    bar.update(1)
                 pending = (step + 1, device_metrics)
                 step += 1
-                bar.update(1)
                 _debug_hooks(debug, step, checkpointer)
                 preempted = stop.any_process()
                 if preempted or step == num_steps or (
@@ -249,7 +276,8 @@ def run(config, workdir, task, *, stream=None) -> RunResult:
                 ):
                     resolve()  # never save a non-finite state
                     checkpointer.save(step, state, batches.get_state(), config_json)
-                if sample_every and step % sample_every == 0 and hasattr(task, "sample"):
+                if (sample_every and (step % sample_every == 0 or step == num_steps)
+                        and hasattr(task, "sample")):
                     grid = task.sample(state, jax.random.fold_in(sample_rng, step))
                     if grid is not None:
                         path = writer.write_image(step, "samples", np.asarray(grid))
@@ -263,10 +291,17 @@ def run(config, workdir, task, *, stream=None) -> RunResult:
         return RunResult(step=step, preempted=preempted, metrics=last, state=state)
     finally:
         bar.close()
+        writer.bar = None
         checkpointer.close()
         writer.close()
         if hasattr(batches, "close"):  # grain prefetch threads / worker processes
             batches.close()
+
+
+def _bar(label: str, total: int, initial: int, shown: bool, *, leave: bool):
+    """A tqdm bar on stderr; its clock (rate, ETA) starts now, counting from `initial`."""
+    return tqdm(total=total, initial=initial, desc=label, unit="step", file=sys.stderr,
+                leave=leave, disable=not shown, dynamic_ncols=True)
 
 
 def _debug_hooks(debug, step: int, checkpointer: Checkpointer) -> None:

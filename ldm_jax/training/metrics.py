@@ -2,8 +2,8 @@
 
 MFU = achieved FLOP/s per device / peak FLOP/s per device. The achieved FLOPs come from XLA's cost
 analysis of the compiled (SPMD-partitioned) step, which counts one device's share of the work. Peak
-FLOP/s come from the config or from `PEAK_FLOPS_PER_DEVICE`; an unknown device (the CPU) reports
-"unknown peak" instead of an invented figure.
+FLOP/s come from the config or from `PEAK_FLOPS_PER_DEVICE`; for an unknown device (the CPU) MFU
+is left out rather than invented.
 """
 
 from __future__ import annotations
@@ -71,12 +71,17 @@ def _format(value) -> str:
 
 class MetricWriter:
     """Writes scalar dicts to stdout, `workdir/metrics.jsonl` and TensorBoard (`workdir/tb`), and
-    image grids to TensorBoard and `workdir/samples/`. Only an enabled writer (process 0) writes."""
+    image grids to TensorBoard and `workdir/samples/`. Only an enabled writer (process 0) writes.
+
+    While `bar` (a tqdm bar) is set, lines go through `bar.write`, which clears the bar, prints
+    the line and redraws the bar, so log lines on stdout never tear the bar on stderr.
+    """
 
     def __init__(self, workdir: str | Path, *, enabled: bool = True, stream=None):
         self.workdir = Path(workdir)
         self.enabled = enabled
         self.stream = sys.stdout if stream is None else stream
+        self.bar = None
         self._jsonl = None
         self._tb = None
         if enabled:
@@ -86,23 +91,35 @@ class MetricWriter:
 
             self._tb = SummaryWriter(str(self.workdir / "tb"))
 
-    def write_scalars(self, step: int, scalars: dict) -> None:
+    def write_scalars(self, step: int, scalars: dict, hidden=()) -> None:
+        """Every scalar to metrics.jsonl; those not in `hidden` (e.g. terms that are zero by the
+        config at this step) also to stdout and TensorBoard. None values are left out."""
         if not self.enabled:
             return
         clean = {k: (float(v) if isinstance(v, (int, float, np.number)) else v)
                  for k, v in scalars.items() if v is not None}
-        line = " ".join(f"{k}={_format(v)}" for k, v in clean.items())
-        print(f"step {step}: {line}", file=self.stream, flush=True)
+        # the loss first (device_get returns the step's metrics sorted by name)
+        shown = {k: v for k, v in sorted(clean.items(), key=lambda kv: kv[0] != "loss")
+                 if k not in hidden}
+        line = " ".join(f"{k}={_format(v)}" for k, v in shown.items())
+        self._print(f"step {step}: {line}")
         self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
         self._jsonl.flush()
-        for key, value in clean.items():
+        for key, value in shown.items():
             if isinstance(value, float) and math.isfinite(value):
                 self._tb.add_scalar(key, value, int(step))
         self._tb.flush()
 
     def write_text(self, message: str) -> None:
         if self.enabled:
+            self._print(message)
+
+    def _print(self, message: str) -> None:
+        if self.bar is None:
             print(message, file=self.stream, flush=True)
+        else:
+            self.bar.write(message, file=self.stream)
+            self.stream.flush()
 
     def write_image(self, step: int, name: str, image_HWC: np.ndarray) -> Path | None:
         """Log a uint8 [H, W, 3] grid to TensorBoard and save it as samples/<name>_<step>.png."""

@@ -11,7 +11,7 @@ from ldm_jax.tokenizers import CLIPTokenizer
 TEXT_WIDTH = 64
 
 
-def _sd_components(unet_in_channels: int = 4) -> dict:
+def sd_components(unet_in_channels: int = 4) -> dict:
     unet = diffusers.UNet2DConditionModel(
         in_channels=unet_in_channels,
         block_out_channels=(32, 64),
@@ -63,12 +63,12 @@ def _sd_components(unet_in_channels: int = 4) -> dict:
 
 
 def sd_pipeline() -> diffusers.StableDiffusionPipeline:
-    return diffusers.StableDiffusionPipeline(**_sd_components())
+    return diffusers.StableDiffusionPipeline(**sd_components())
 
 
 def sd_inpaint_pipeline() -> diffusers.StableDiffusionInpaintPipeline:
     """SD inpainting: a 9-channel UNet ([latents, mask, masked-image latents])."""
-    return diffusers.StableDiffusionInpaintPipeline(**_sd_components(unet_in_channels=9))
+    return diffusers.StableDiffusionInpaintPipeline(**sd_components(unet_in_channels=9))
 
 
 def _vq_unet(in_channels: int, seed: int) -> tuple:

@@ -15,7 +15,8 @@ import safetensors.numpy
 from ldm_jax.atomic import Replaceable, atomic_output
 from ldm_jax.checkpoints.compvis.checkpoint_table import compvis_checkpoint_table
 from ldm_jax.checkpoints.contents import CheckpointContents
-from ldm_jax.spec import spec_to_dict
+from ldm_jax.checkpoints.errors import UnsupportedExportError
+from ldm_jax.spec import ModelSpec, spec_to_dict
 
 SPEC_METADATA_KEY = "ldm_jax_spec"
 # what overwrite may replace: another checkpoint file, never a folder or a file of another kind
@@ -34,6 +35,19 @@ def check_compvis_suffix(destination: str | os.PathLike) -> Path:
     return destination
 
 
+def check_compvis_exportable(spec: ModelSpec) -> None:
+    """UnsupportedExportError for a spec CompVis' code cannot run: openaimodel's normalization()
+    and the autoencoder's Normalize() are GroupNorm(32) with no setting (none in the yaml either),
+    so another group count would load there without error and compute something else."""
+    for name, config in (("unet", spec.unet), ("first_stage", spec.first_stage)):
+        if config is not None and config.norm_num_groups != 32:
+            raise UnsupportedExportError(
+                f"cannot export to compvis: {name}.norm_num_groups={config.norm_num_groups}, but "
+                "CompVis' networks always use 32 GroupNorm groups; allowed: format='diffusers' "
+                "or format='orbax'"
+            )
+
+
 def save_compvis(
     checkpoint: CheckpointContents,
     destination: str | os.PathLike,
@@ -44,6 +58,7 @@ def save_compvis(
     """Write `checkpoint` to `destination` (a .safetensors path), atomically; `overwrite`
     replaces only a .safetensors file, never a `protect`ed path (see `ldm_jax.atomic`)."""
     destination = check_compvis_suffix(destination)
+    check_compvis_exportable(checkpoint.spec)
     tensors = compvis_checkpoint_table(checkpoint.spec).to_torch(checkpoint.params)
     metadata = {"format": "pt", SPEC_METADATA_KEY: json.dumps(spec_to_dict(checkpoint.spec))}
     with atomic_output(

@@ -41,7 +41,8 @@ _ENCODERS = "ldm.modules.encoders.modules."
 # CompVis make_beta_schedule names -> ours: "linear" squares a linspace of square roots.
 _BETA_SCHEDULES = {"linear": "scaled_linear", "sqrt_linear": "linear", "cosine": "cosine"}
 _PARAMETERIZATIONS = {"eps": "epsilon", "v": "v_prediction"}
-_UNET_FIELDS = {f.name for f in dataclasses.fields(UNetConfig)}
+# norm_num_groups is no CompVis argument (CompVis always uses 32 groups): an unknown key there
+_UNET_FIELDS = {f.name for f in dataclasses.fields(UNetConfig)} - {"norm_num_groups"}
 # openaimodel arguments that change neither parameters nor results (memory/precision choices).
 _UNET_NO_EFFECT = {"image_size", "use_checkpoint", "use_fp16", "use_bf16"}
 # Arguments supported only at these values (openaimodel defaults or their equivalents).

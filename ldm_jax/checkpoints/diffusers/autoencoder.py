@@ -139,7 +139,6 @@ def config_from_diffusers(config: Mapping[str, Any]) -> AutoencoderConfig | VQCo
     Attention levels come from the block types; `resolution` is `sample_size` (it only places them).
     """
     _require(config, "act_fn", "silu", "silu")
-    _require(config, "norm_num_groups", 32, 32)
     _require(config, "norm_type", "group", "group")
     _require(config, "use_quant_conv", True, True)
     _require(config, "use_post_quant_conv", True, True)
@@ -168,6 +167,8 @@ def config_from_diffusers(config: Mapping[str, Any]) -> AutoencoderConfig | VQCo
         resolution=resolution,
         z_channels=latent,
         mid_attention=config.get("mid_block_add_attention", True),
+        # every GroupNorm of diffusers' Encoder/Decoder (resnets, attention, conv_norm_out)
+        norm_num_groups=config.get("norm_num_groups", 32),
     )
     if "num_vq_embeddings" in config:
         embed_dim = config.get("vq_embed_dim") or latent
@@ -186,7 +187,7 @@ def diffusers_config(cfg: AutoencoderConfig) -> dict[str, Any]:
         block_out_channels=tuple(cfg.ch * m for m in cfg.ch_mult),
         layers_per_block=cfg.num_res_blocks,
         latent_channels=cfg.z_channels,
-        norm_num_groups=32,
+        norm_num_groups=cfg.norm_num_groups,
         sample_size=cfg.resolution,
         mid_block_add_attention=cfg.mid_attention,
     )

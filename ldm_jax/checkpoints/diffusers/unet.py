@@ -156,7 +156,7 @@ def diffusers_unet_config(config: UNetConfig) -> tuple[str, dict[str, Any]]:
         block_out_channels=tuple(m * config.model_channels for m in config.channel_mult),
         layers_per_block=config.num_res_blocks,
         dropout=config.dropout,
-        norm_num_groups=32,
+        norm_num_groups=config.norm_num_groups,
         norm_eps=1e-5,
         resnet_time_scale_shift="scale_shift" if config.use_scale_shift_norm else "default",
         flip_sin_to_cos=True,
@@ -235,6 +235,6 @@ def _unconditional_kwargs(config: UNetConfig, layout: UNetLayout, has_attention:
         upsample_type="resnet" if updown else "conv",
         attention_head_dim=head_dims.pop(),
         # Without it diffusers drops the mid-block attention's GroupNorm under scale_shift.
-        attn_norm_num_groups=32,
+        attn_norm_num_groups=config.norm_num_groups,
         add_attention=True,
     )

@@ -23,7 +23,6 @@ _FIXED: dict[str, Any] = {
     "downsample_padding": 1,
     "mid_block_scale_factor": 1,
     "act_fn": "silu",
-    "norm_num_groups": 32,
     "norm_eps": 1e-5,
     "time_embedding_type": "positional",
     "time_embedding_dim": None,
@@ -70,6 +69,7 @@ _READ = {
     "projection_class_embeddings_input_dim",
     "downsample_type",
     "upsample_type",
+    "norm_num_groups",
     "attn_norm_num_groups",
     "sample_size",
     "addition_embed_type_num_heads",  # only used with addition_embed_type
@@ -131,6 +131,11 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
     shift = config.get("resnet_time_scale_shift", "default")
     if shift not in ("default", "scale_shift"):
         _fail(f"resnet_time_scale_shift={shift!r} (allowed 'default', 'scale_shift')")
+    # diffusers gives every resnet, transformer/attention norm and conv_norm_out these groups
+    # (None: per-block min(channels // 4, 32) and no conv_norm_out, which openaimodel lacks)
+    groups = config.get("norm_num_groups", 32)
+    if groups is None:
+        _fail("norm_num_groups=None (per-block group counts; need an integer)")
     common = dict(
         in_channels=config.get("in_channels", 4 if cross else 3),
         out_channels=config.get("out_channels", 4 if cross else 3),
@@ -140,12 +145,13 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
         dropout=config.get("dropout", 0.0),
         use_scale_shift_norm=shift == "scale_shift",
         upcast_attention=config.get("upcast_attention", False),
+        norm_num_groups=groups,
     )
     if config.get("num_class_embeds") is not None:
         common["num_classes"] = config["num_class_embeds"]
     if cross:
         return UNetConfig(**common, **_cross_kwargs(config, channels))
-    return UNetConfig(**common, **_plain_kwargs(config, channels, shift))
+    return UNetConfig(**common, **_plain_kwargs(config, channels, shift, groups))
 
 
 def _attention_resolutions(attention: list[bool]) -> tuple[int, ...]:
@@ -205,7 +211,7 @@ def _cross_kwargs(config: Mapping[str, Any], channels: tuple[int, ...]) -> dict[
     )
 
 
-def _plain_kwargs(config: Mapping[str, Any], channels: tuple[int, ...], shift: str):
+def _plain_kwargs(config: Mapping[str, Any], channels: tuple[int, ...], shift: str, groups: int):
     updown = config.get("downsample_type", "conv")
     if updown not in ("conv", "resnet") or config.get("upsample_type", "conv") != updown:
         _fail("downsample_type and upsample_type must both be 'conv' or both 'resnet'")
@@ -218,10 +224,15 @@ def _plain_kwargs(config: Mapping[str, Any], channels: tuple[int, ...], shift: s
     attention = _levels(config, _ATTN_DOWN, _ATTN_UP, plain)
     if config.get("mid_block_type", "UNetMidBlock2D") != "UNetMidBlock2D":
         _fail(f"mid_block_type={config['mid_block_type']!r} (need UNetMidBlock2D)")
-    groups = config.get("attn_norm_num_groups")
-    if groups not in (None, 32) or (groups is None and shift == "scale_shift"):
-        # with scale_shift and no attn_norm_num_groups diffusers drops the mid attention's norm
-        _fail(f"attn_norm_num_groups={groups!r} with resnet_time_scale_shift={shift!r}")
+    # UNetMidBlock2D's attention norm: attn_norm_num_groups, or when None norm_num_groups under
+    # "default" and no norm at all under "scale_shift"; ours always uses norm_num_groups
+    attn_groups = config.get("attn_norm_num_groups")
+    if attn_groups not in (None, groups) or (attn_groups is None and shift == "scale_shift"):
+        _fail(
+            f"attn_norm_num_groups={attn_groups!r} with norm_num_groups={groups!r} and "
+            f"resnet_time_scale_shift={shift!r} (allowed: null under 'default', or equal to "
+            "norm_num_groups)"
+        )
     if config.get("class_embed_type") is not None:
         _fail(f"class_embed_type={config['class_embed_type']!r} (UNet2DModel: only None)")
     head_dim = config.get("attention_head_dim", 8)
