@@ -66,3 +66,15 @@ def test_usage_errors_exit_2(tmp_path):
     result = _convert("a", "b", "--to", "onnx")
     assert result.returncode == 2
     assert "invalid choice" in result.stderr
+
+
+def test_help_explains_every_format(capsys):
+    from ldm_jax.cli import convert as convert_cli  # noqa: PLC0415
+
+    with pytest.raises(SystemExit) as exit_info:
+        convert_cli.main(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for what in ("compvis (one .safetensors file)", "diffusers (a pipeline folder)",
+                 "orbax (an ldm_jax folder"):
+        assert what in text

@@ -27,7 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("source", help="checkpoint file, diffusers/orbax folder, or hub id")
     parser.add_argument("destination", help="output folder, or .safetensors file for compvis")
-    parser.add_argument("--to", required=True, choices=EXPORT_FORMATS, dest="format")
+    parser.add_argument(
+        "--to",
+        required=True,
+        choices=EXPORT_FORMATS,
+        dest="format",
+        help="output format: compvis (one .safetensors file), diffusers (a pipeline folder) or "
+        "orbax (an ldm_jax folder that restores onto a sharded mesh)",
+    )
     parser.add_argument("--config", help="the original CompVis yaml config of SRC")
     parser.add_argument("--prediction-type", choices=("epsilon", "v_prediction"))
     parser.add_argument("--use-ema", action="store_true", help="take the UNet's EMA weights")
