@@ -67,6 +67,15 @@ def check_eta(value, name: str = "eta") -> float:
     return eta
 
 
+def check_guidance_rescale(value, name: str = "guidance_rescale") -> float:
+    """A guidance rescale factor in [0, 1] (Lin et al. 2023 eq. 16: 0 = plain CFG, the paper uses
+    0.7); outside it the blend extrapolates past the rescaled and the plain prediction."""
+    rescale = _number(value, name)
+    if not 0.0 <= rescale <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1] (0 = off; 0.7 as in Lin et al.), got {rescale}")
+    return rescale
+
+
 def check_strength(value, name: str = "strength") -> float:
     """An image-to-image strength in (0, 1]."""
     strength = _number(value, name)

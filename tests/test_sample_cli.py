@@ -70,7 +70,7 @@ def test_dpm_solver_size_and_odd_batch(tiny, tmp_path, progress_bars):
     out = tmp_path / "out"
     argv = ["--checkpoint", tiny, "--prompt", "a harbour", "--negative-prompt", "blurry"]
     argv += ["--sampler", "dpm++", "--n", "3", "--steps", "2", "--height", "8", "--width", "16"]
-    argv += ["--attention", "blocked"]
+    argv += ["--attention", "blocked", "--guidance-rescale", "0.7"]
     assert sampling_cli.main([*argv, "--guidance", "1.0", "--out", str(out)]) == 0
     pipe = common.load_pipeline(tiny, "float32", None, "blocked")  # the one just used (cached)
     assert {m.attention_implementation for m in pipe.modules.values()} == {"blocked"}
@@ -87,6 +87,7 @@ BAD_INPUTS = {
         "choose from 'ddim', 'ddpm', 'plms', 'dpm_solver', 'dpm++'",
     ),
     "unknown attention": (["--attention", "flash"], "choose from 'auto', 'xla', 'cudnn'"),
+    "rescale above 1": (["--guidance-rescale", "2"], "--guidance-rescale must be in [0, 1]"),
     "zero steps": (["--steps", "0"], "--steps must be >= 1"),
     "zero images": (["--n", "0"], "--n must be >= 1"),
     "height not divisible": (["--height", "15"], "not a multiple of 2"),
@@ -120,7 +121,7 @@ def test_help_documents_every_flag(capsys):
     for flag in ("--checkpoint", "--negative-prompt", "--n", "--steps", "--sampler", "--guidance"):
         assert flag in text
     for flag in ("--seed", "--height", "--width", "--out", "--dtype", "--compilation-cache",
-                 "--attention"):
+                 "--attention", "--guidance-rescale"):
         assert flag in text
     assert "dpm++" in text
     for flag in ("--init-image", "--strength", "--mask", "--class-label", "--low-res-image"):

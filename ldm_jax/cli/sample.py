@@ -39,7 +39,13 @@ from ldm_jax.cli.common import (
 )
 from ldm_jax.images import make_grid, to_pil
 from ldm_jax.models.attention_dispatch import ATTENTION_CHOICES
-from ldm_jax.sampler_options import check_eta, check_guidance, check_seed, check_strength
+from ldm_jax.sampler_options import (
+    check_eta,
+    check_guidance,
+    check_guidance_rescale,
+    check_seed,
+    check_strength,
+)
 
 DTYPES = ("float32", "bfloat16")
 GRID_NAME = "grid.png"
@@ -83,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=7.5,
         help="classifier-free guidance scale, finite (7.5; <=1 off)",
+    )
+    parser.add_argument(
+        "--guidance-rescale",
+        type=float,
+        default=0.0,
+        help="guidance rescale in [0, 1] (0 = off; 0.7 for zero-terminal-SNR v-models)",
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="random seed in [0, 2**32 - 1] (default 0)"
@@ -154,6 +166,7 @@ def check_args(args) -> None:
         if path is not None and not Path(path).expanduser().is_file():
             raise UsageError(f"--{flag.replace('_', '-')} {path} is not a file")
     check_number(check_guidance, args.guidance, "--guidance")
+    check_number(check_guidance_rescale, args.guidance_rescale, "--guidance-rescale")
     check_number(check_eta, args.eta, "--eta")
     if args.eta and SAMPLERS[args.sampler] != "ddim":
         raise UsageError(f"--eta applies to --sampler ddim only, not {args.sampler}")
@@ -342,6 +355,7 @@ def _sample(args) -> int:
                 width=args.width,
                 num_inference_steps=args.steps,
                 guidance_scale=args.guidance,
+                guidance_rescale=args.guidance_rescale,
                 sampler=sampler,
                 eta=args.eta,
                 seed=args.seed,
@@ -359,6 +373,8 @@ def _sample(args) -> int:
         if getattr(args, key) is not None:
             metadata[key] = getattr(args, key)
     metadata.update(guidance=args.guidance, seed=args.seed)
+    if args.guidance_rescale:
+        metadata["guidance_rescale"] = args.guidance_rescale
     written = write_images(images, Path(args.out), metadata)
     names = [p.name for p in written[:-1]]
     names = ", ".join(names) if len(names) <= 4 else f"{names[0]} ... {names[-1]}"

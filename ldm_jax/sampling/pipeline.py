@@ -67,6 +67,7 @@ from ldm_jax.sampler_options import (
     canonical_sampler,
     check_eta,
     check_guidance,
+    check_guidance_rescale,
     check_seed,
     check_strength,
 )
@@ -180,6 +181,7 @@ class LatentDiffusionPipeline:
         strength: float | None = None,
         mask_image=None,
         low_res_image=None,
+        guidance_rescale: float = 0.0,
     ) -> np.ndarray:
         """Images: uint8 [B, H, W, 3] (``output="float"``: float32 in [0, 1]).
 
@@ -194,6 +196,9 @@ class LatentDiffusionPipeline:
 
         Guidance applies to text (``negative_prompt``, default "") and class models (the null
         class) when ``guidance_scale > 1``; unconditional, LDM inpainting and SR models ignore it.
+        ``guidance_rescale`` in [0, 1] (diffusers' semantics, Lin et al. 2024; 0.7 for
+        zero-terminal-SNR v-models) rescales the guided prediction's std towards the conditional
+        one's; changing it never recompiles.
         ``latents`` [B, h, w, C] (NHWC; h = H / vae factor) are the initial noise x_T (for
         image-to-image: the noise added to the image latents), else drawn from ``rng`` or
         ``seed``; ``rng`` also drives the stochastic samplers (DDPM, DDIM with eta > 0).
@@ -208,6 +213,7 @@ class LatentDiffusionPipeline:
         """
         sampler = canonical_sampler(sampler)  # aliases ("dpm++") share one compiled function
         guidance_scale, eta = check_guidance(guidance_scale), check_eta(eta)
+        guidance_rescale = check_guidance_rescale(guidance_rescale)
         if eta and sampler != "ddim":
             raise ValueError(f"eta applies to the ddim sampler only (this is {sampler}); pass 0")
         if strength is not None:
@@ -265,6 +271,7 @@ class LatentDiffusionPipeline:
                 jnp.asarray(t_N),
                 None if prev_N is None else jnp.asarray(prev_N),
                 jnp.float32(guidance_scale),
+                jnp.float32(guidance_rescale),
                 sample_rng,
                 sampler=sampler,
                 eta=float(eta),
@@ -311,7 +318,8 @@ class LatentDiffusionPipeline:
         return t_N, prev_N
 
     def _generate_fn(
-        self, params, inputs, schedule, t_N, prev_N, scale, rng, *, sampler, eta, guided, output,
+        self, params, inputs, schedule, t_N, prev_N, scale, rescale, rng, *, sampler, eta, guided,
+        output,
         with_callback=False, from_image=False,
     ):  # fmt: skip
         """The pure sampling function: (params, inputs, timesteps, ...) -> images."""
@@ -321,7 +329,10 @@ class LatentDiffusionPipeline:
         def apply_fn(x_t, t_B, c):
             return apply_unet(modules["unet"], params["unet"], x_t, t_B, c)
 
-        denoise = classifier_free_guidance(apply_fn, cond, uncond, scale if guided else 1.0)
+        if guided:
+            denoise = classifier_free_guidance(apply_fn, cond, uncond, scale, rescale)
+        else:
+            denoise = classifier_free_guidance(apply_fn, cond, uncond, 1.0)
         x_T = pipeline_tasks.initial_latents(
             spec, modules, params, inputs, schedule, t_N[0], from_image
         )
