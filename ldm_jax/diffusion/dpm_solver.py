@@ -15,22 +15,45 @@ solver_order=2)``: alpha and sigma are derived like diffusers from sigma_VP = sq
 abar), alpha = 1 / sqrt(sigma_VP^2 + 1), sigma = sigma_VP alpha; previous = next entry, clean data
 after the last (the default ``prev_timesteps``). diffusers' own "linspace"/"leading" lists for this
 scheduler differ from DDIM's (they drop the last of N + 1 points): pass them as an array for parity.
+
+``use_karras_sigmas=True`` (diffusers' ``use_karras_sigmas``) steps through N = len(timesteps)
+Karras sigmas (rho = 7, ``sigmas.karras_sigmas``) instead; the model sees each sigma's timestep
+rounded to an integer (diffusers rounds them too) and the solver uses the Karras sigma itself.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
-from ldm_jax.diffusion import _common
+from ldm_jax.diffusion import _common, sigmas
 from ldm_jax.diffusion.parameterization import canonical_prediction_type, to_x0
 
 
-def _alpha_sigma_lambda(schedule, t):
-    a = _common.abar(schedule, t)
-    sigma_vp = jnp.sqrt((1.0 - a) / a)
+def alpha_sigma_lambda(sigma_vp):
+    """(alpha, sigma, lambda) of the VP process at VE noise level sigma_vp (lambda = inf at 0)."""
     alpha = 1.0 / jnp.sqrt(sigma_vp**2 + 1.0)
     sigma = sigma_vp * alpha
     return alpha, sigma, jnp.log(alpha) - jnp.log(sigma)
+
+
+def step_sigmas(schedule, timesteps, prev_timesteps=None, use_karras_sigmas=False):
+    """(t_N, sigma_N, next_N): the model's int32 timestep, and the VE sigma of each step and of its
+    target (0 = clean data); the solver's view of diffusers' ``timesteps`` / ``sigmas``."""
+    t_N, prev_N = _common.as_timesteps(timesteps, prev_timesteps)
+    if use_karras_sigmas:
+        if prev_timesteps is not None:
+            raise ValueError("prev_timesteps cannot be combined with use_karras_sigmas")
+        sigmas_T = sigmas.schedule_sigmas(schedule)
+        sigma_N = sigmas.karras_sigmas(sigmas_T[-1], sigmas_T[0], t_N.shape[0])
+        t_N = jnp.round(sigmas.sigma_to_t(sigma_N, jnp.log(sigmas_T))).astype(jnp.int32)
+        next_N = jnp.concatenate([sigma_N[1:], jnp.zeros((1,), jnp.float32)])
+        return t_N, sigma_N, next_N
+
+    def ve_sigma(t):
+        a = _common.abar(schedule, t)
+        return jnp.sqrt((1.0 - a) / a)
+
+    return t_N, ve_sigma(t_N), ve_sigma(prev_N)
 
 
 def sample(
@@ -42,22 +65,23 @@ def sample(
     prediction_type: str = "epsilon",
     rng=None,
     prev_timesteps=None,
+    use_karras_sigmas: bool = False,
     callback=None,
 ):
     """Run DPM-Solver++(2M) from x_T over ``timesteps`` (decreasing); returns x_0 (rng unused)."""
     del rng  # deterministic
     kind = canonical_prediction_type(prediction_type)
     x = _common.check_x(x_T)
-    t_N, prev_N = _common.as_timesteps(timesteps, prev_timesteps)
+    t_N, sigma_N, next_N = step_sigmas(schedule, timesteps, prev_timesteps, use_karras_sigmas)
     N = t_N.shape[0]
-    before_N = jnp.concatenate([t_N[:1], t_N[:-1]])  # the timestep of the previous step (x0_prev)
+    before_N = jnp.concatenate([sigma_N[:1], sigma_N[:-1]])  # the sigma of x0_prev
 
     def step(carry, inputs):
         x, x0_prev = carry
-        i, t, t_next, t_before = inputs
-        alpha_s, sigma_s, lambda_s = _alpha_sigma_lambda(schedule, t)
-        alpha_t, sigma_t, lambda_t = _alpha_sigma_lambda(schedule, t_next)
-        _, _, lambda_b = _alpha_sigma_lambda(schedule, t_before)
+        i, t, sigma_vp, next_vp, before_vp = inputs
+        alpha_s, sigma_s, lambda_s = alpha_sigma_lambda(sigma_vp)
+        alpha_t, sigma_t, lambda_t = alpha_sigma_lambda(next_vp)
+        _, _, lambda_b = alpha_sigma_lambda(before_vp)
         x0 = to_x0(denoise_fn(x, _common.batch_t(t, x)), x, alpha_s, sigma_s, kind)
         second_order = (i > 0) & (i < N - 1)
         h = lambda_t - lambda_s
@@ -68,5 +92,5 @@ def sample(
         return x_next, x0
 
     carry = (x, jnp.zeros_like(x))
-    x, _ = _common.scan_steps(step, carry, (t_N, prev_N, before_N), N, callback)
+    x, _ = _common.scan_steps(step, carry, (t_N, sigma_N, next_N, before_N), N, callback)
     return x
