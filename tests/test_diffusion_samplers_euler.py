@@ -18,15 +18,9 @@ from diffusers import (
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
 )
+from test_diffusion_samplers import ABS_TOL, BASE, SHAPE, T, schedule_of, x_T
 
-from ldm_jax.diffusion import NoiseSchedule, euler, euler_ancestral, heun, sigmas
-
-T = 1000
-SHAPE = (2, 4, 8, 8)
-ABS_TOL = 1e-5
-BASE = dict(
-    num_train_timesteps=T, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
-)
+from ldm_jax.diffusion import euler, euler_ancestral, heun, sigmas
 
 
 def jax_model(prediction_type):
@@ -51,17 +45,6 @@ def torch_model(prediction_type, x, t):
     if prediction_type == "v_prediction":
         return 0.5 * torch.sqrt(u * (1.0 - u) + 1e-3) * x - 0.05 * torch.cos(s)
     return torch.sqrt(u) * x + 0.05 * torch.sin(s)
-
-
-def x_T(seed=0):
-    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))
-
-
-def schedule_of(scheduler):
-    return NoiseSchedule(
-        betas=jnp.asarray(scheduler.betas.numpy()),
-        alphas_cumprod=jnp.asarray(scheduler.alphas_cumprod.numpy()),
-    )
 
 
 def run_ours(sampler, prediction_type, schedule, timesteps, **options):
