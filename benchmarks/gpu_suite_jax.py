@@ -206,7 +206,8 @@ def run_jax(args) -> None:
                 num_inference_steps=args.steps,
                 guidance_scale=GUIDANCE,
                 seed=0,
-            )  # a host numpy array: the call has finished when it returns
+                output_type="np",
+            ).images  # a host numpy array: the call has finished when it returns
             assert images.shape == (batch, image, image, 3), images.shape
             return images
 

@@ -117,7 +117,8 @@ def measure_ours(args) -> dict:
             guidance_scale=GUIDANCE,
             sampler="ddim",
             seed=0,
-        )
+            output_type="np",
+        ).images
         assert images.shape == (args.batch, args.height, args.width, 3), images.shape
 
     devices = jax.local_devices()

@@ -29,10 +29,15 @@ def schedule_from_spec(diffusion: DiffusionSpec):
     )
 
 
-def encode_condition(cond_stage: CondStageSpec, cond_module, cond_params, inputs):
+def encode_condition(cond_stage: CondStageSpec, cond_module, cond_params, inputs, clip_skip=None):
     """The cond stage's conditioning: tokens [B, T] -> context [B, T, D] (text), class labels [B]
-    -> [B, 1, D] (class embedder), a spatial map [B, H, W, C] -> rescaled (spatial rescaler)."""
-    out = cond_module.apply({"params": cond_params}, inputs)
+    -> [B, 1, D] (class embedder), a spatial map [B, H, W, C] -> rescaled (spatial rescaler).
+
+    ``clip_skip`` (CLIP towers; may be traced): read the output that many layers earlier."""
+    kwargs = {}
+    if clip_skip is not None and cond_stage.kind in CLIP_TEXT_CONDITIONINGS:
+        kwargs["extra_skip_layers"] = clip_skip
+    out = cond_module.apply({"params": cond_params}, inputs, **kwargs)
     # CLIP towers return an encoder output (the context is its last_hidden_state); LDM-BERT, the
     # class embedder and the spatial rescaler return the conditioning array itself
     return out.last_hidden_state if cond_stage.kind in CLIP_TEXT_CONDITIONINGS else out

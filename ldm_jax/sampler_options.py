@@ -1,21 +1,70 @@
 """The sampling options every entry point takes (pipeline, CLIs, training configs), checked once.
 
-One sampler vocabulary: the canonical names are ``ldm_jax.diffusion.SAMPLERS``' keys and each
-alias (the CLI's ``dpm++``) means one of them, whichever entry point it is given to. The number
-checks turn values that would sample silently wrong (nan or inf guidance: guidance off or black
-images; eta > 1: nan) or fail late (a seed JAX cannot take) into one ValueError before anything
-is compiled.
+One sampler vocabulary: ``SAMPLER_TABLE`` names every sampler once (with the diffusers scheduler
+it matches); ``ldm_jax.diffusion.SAMPLERS`` has the same keys, and each alias (the CLI's
+``dpm++``, diffusers' scheduler class names) means one of them, whichever entry point it is given
+to. The number checks turn values that would sample silently wrong (nan or inf guidance:
+guidance off or black images; eta > 1: nan) or fail late (a seed JAX cannot take) into one
+ValueError before anything is compiled.
 
 Pure Python (no jax) so the CLIs answer bad input at once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 
-SAMPLER_NAMES = ("ddim", "ddpm", "plms", "dpm_solver")  # ldm_jax.diffusion.SAMPLERS' keys
-SAMPLER_ALIASES = {"dpm++": "dpm_solver"}
+
+@dataclasses.dataclass(frozen=True)
+class SamplerInfo:
+    """One row of the sampler table: the name every entry point takes and what it means."""
+
+    name: str
+    module: str  # ldm_jax.diffusion.<module>.sample does the stepping
+    diffusers: str  # the diffusers scheduler class it matches step for step
+    karras: bool = False  # Karras et al. (2022) sigmas (diffusers: use_karras_sigmas=True)
+    diffusers_config: tuple = ()  # further (key, value) settings of that scheduler
+    stochastic: bool = False  # draws fresh noise every step (needs rng/seed)
+    epsilon_only: bool = False  # cannot run v- or x0-prediction models
+
+
+SAMPLER_TABLE = (
+    SamplerInfo("ddim", "ddim", "DDIMScheduler"),
+    SamplerInfo("ddpm", "ddpm", "DDPMScheduler", stochastic=True),
+    SamplerInfo("plms", "plms", "PNDMScheduler", diffusers_config=(("skip_prk_steps", True),),
+                epsilon_only=True),
+    SamplerInfo("dpm_solver", "dpm_solver", "DPMSolverMultistepScheduler"),
+    SamplerInfo("dpm++_2m_karras", "dpm_solver", "DPMSolverMultistepScheduler", karras=True),
+    SamplerInfo("dpm++_2m_sde", "dpm_solver_sde", "DPMSolverMultistepScheduler",
+                diffusers_config=(("algorithm_type", "sde-dpmsolver++"),), stochastic=True),
+    SamplerInfo("dpm++_2m_sde_karras", "dpm_solver_sde", "DPMSolverMultistepScheduler",
+                karras=True, diffusers_config=(("algorithm_type", "sde-dpmsolver++"),),
+                stochastic=True),
+    SamplerInfo("euler", "euler", "EulerDiscreteScheduler"),
+    SamplerInfo("euler_karras", "euler", "EulerDiscreteScheduler", karras=True),
+    SamplerInfo("euler_ancestral", "euler_ancestral", "EulerAncestralDiscreteScheduler",
+                stochastic=True),
+    SamplerInfo("heun", "heun", "HeunDiscreteScheduler"),
+    SamplerInfo("unipc", "unipc", "UniPCMultistepScheduler"),
+)  # fmt: skip
+SAMPLER_INFO = {info.name: info for info in SAMPLER_TABLE}
+SAMPLER_NAMES = tuple(SAMPLER_INFO)  # ldm_jax.diffusion.SAMPLERS' keys
+# other names for the same samplers: the CLI's short ones and diffusers' scheduler classes (with
+# their default settings; the Karras and SDE variants have their own names above)
+SAMPLER_ALIASES = {
+    "dpm++": "dpm_solver",
+    "dpm++_2m": "dpm_solver",
+    "DDIMScheduler": "ddim",
+    "DDPMScheduler": "ddpm",
+    "PNDMScheduler": "plms",
+    "DPMSolverMultistepScheduler": "dpm_solver",
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_ancestral",
+    "HeunDiscreteScheduler": "heun",
+    "UniPCMultistepScheduler": "unipc",
+}
 ALL_SAMPLER_NAMES = (*SAMPLER_NAMES, *SAMPLER_ALIASES)  # what every entry point accepts
 # seeds are PRNGKey(seed): with JAX's default 32-bit ints only the low 32 bits count (2**32 would
 # repeat seed 0's images) and Python ints past int64 overflow, so seeds are 32-bit and unsigned

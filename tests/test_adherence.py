@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,6 +32,7 @@ from ldm_jax.eval.adherence import (
 )
 from ldm_jax.spec import DiffusionSpec
 from ldm_jax.tokenizers import CLIPTokenizer
+from ldm_jax.training.config_overrides import load_config
 
 N = 200
 CHECKED = ("color", "shape", "position", "relation", "size", "count")
@@ -234,35 +236,51 @@ def test_bad_input_is_one_clear_error(images, scenes, message):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        ([], "--checkpoint"),
+        ([], "--checkpoint is required when there is no default model (runs/default/model)"),
         (["--checkpoint", "nowhere"], "not found"),
         (["--checkpoint", ".", "--n", "0"], "--n must be in"),
         (["--checkpoint", ".", "--n", "5000"], "--n must be in"),
         (["--checkpoint", ".", "--steps", "0"], "--steps"),
     ],
 )
-def test_cli_bad_input_exits_2(argv, message, capsys):
+def test_cli_bad_input_exits_2(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no default run's model here
     assert adherence_cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and message in err
 
 
-def test_cli_samples_test_prompts_and_reports(tmp_path, capsys):
-    """On a tiny random ldm_jax orbax checkpoint (VAE factor 2, 16x16 images)."""
+def test_cli_help_gives_the_defaults_and_why(capsys):
+    # the guidance the default run samples its grid with (and train.py's closing hint prints)
+    default_run = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "default.py"))
+    assert adherence_cli.DEFAULT_GUIDANCE == default_run.sample.guidance == 4.0
+    with pytest.raises(SystemExit) as done:
+        adherence_cli.main(["--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "default: the default run's model, as sample.py's" in text
+    assert "default 4: the default run samples its grid and README's figures with it" in text
+
+
+def test_cli_samples_the_default_runs_model_and_reports(tmp_path, capsys, monkeypatch):
+    """No --checkpoint: the default run's model (here a tiny random ldm_jax orbax checkpoint,
+    VAE factor 2, 16x16 images, where `python train.py` writes it)."""
     spec = dataclasses.replace(SD1_LIKE, diffusion=DiffusionSpec(latent_size=8))
     checkpoint = LatentDiffusionCheckpoint(
         spec, random_params(spec), CLIPTokenizer.from_packaged_vocab()
     )
-    folder = tmp_path / "tiny-orbax"
-    checkpoint.save_pretrained(folder, format="orbax")
+    monkeypatch.chdir(tmp_path)
+    checkpoint.save_pretrained(tmp_path / "runs" / "default" / "model", format="orbax")
     out_json, grid = tmp_path / "report.json", tmp_path / "grid.png"
-    argv = ["--checkpoint", str(folder), "--n", "3", "--batch", "2", "--steps", "2"]
+    argv = ["--n", "3", "--batch", "2", "--steps", "2"]
     argv += ["--json", str(out_json), "--grid", str(grid), "--no-progress"]
     assert adherence_cli.main(argv) == 0
     table = capsys.readouterr().out
     for metric in METRICS:
         assert metric in table
     report = json.loads(out_json.read_text())
+    assert report["checkpoint"] == str(Path("runs", "default", "model"))
+    assert report["settings"]["guidance"] == 4.0 == adherence_cli.DEFAULT_GUIDANCE
     assert report["counts"]["count"] == 3 and len(report["images"]) == 3
     assert [i["prompt"] for i in report["images"]] == ShapesSource(split="test").captions(3)
     for value in report["accuracy"].values():

@@ -169,8 +169,8 @@ def test_pipeline_samples_like_diffusers(sd_folder, parity):
         num_inference_steps=5,
         guidance_scale=7.5,
         latents=latents,
-        output="float",
-    )
+        output_type="np",
+    ).images
     assert ours.shape == reference.shape == (2, 16, 16, 3)
     parity(
         "norm_num_groups=8: pipeline DDIM, CFG 7.5, 5 steps (pixels)", ours, reference, PIXEL_BAR

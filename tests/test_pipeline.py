@@ -78,10 +78,10 @@ def test_matches_diffusers_v_prediction(v_folder, v_pipe, parity):
     latents = _latents(2)
     reference = _diffusers_images(v_folder, PROMPTS, NEGATIVES, latents)
     kwargs = dict(negative_prompt=NEGATIVES, num_inference_steps=5, guidance_scale=7.5)
-    ours = v_pipe(PROMPTS, latents=latents, output="float", **kwargs)
+    ours = v_pipe(PROMPTS, latents=latents, output_type="np", **kwargs).images
     assert ours.shape == reference.shape == (2, 16, 16, 3)
     parity("pipeline: SD1-style DDIM v, CFG 7.5, 5 steps (pixels)", ours, reference, PIXEL_BAR)
-    ours_uint8 = v_pipe(PROMPTS, latents=latents, **kwargs)
+    ours_uint8 = v_pipe(PROMPTS, latents=latents, output_type="uint8", **kwargs).images
     assert ours_uint8.dtype == np.uint8
     reference_uint8 = np.round(reference * 255).astype(np.int32)
     assert np.abs(ours_uint8.astype(np.int32) - reference_uint8).max() <= 2
@@ -92,7 +92,7 @@ def test_matches_diffusers_v_prediction(v_folder, v_pipe, parity):
     other_pipe = LatentDiffusionPipeline(
         LatentDiffusionCheckpoint(other_spec, v_pipe.params, v_pipe.tokenizer)
     )
-    other = other_pipe(PROMPTS, latents=latents, output="float", **kwargs)
+    other = other_pipe(PROMPTS, latents=latents, output_type="np", **kwargs).images
     assert np.abs(other - reference).max() > PIXEL_BAR
     assert 0.2 < np.mean((reference > 0) & (reference < 1))  # not just saturated pixels
 
@@ -103,10 +103,10 @@ def test_guidance_rescale_matches_diffusers(v_folder, v_pipe, parity):
     latents = _latents(2)
     reference = _diffusers_images(v_folder, PROMPTS, NEGATIVES, latents, rescale=0.7)
     kwargs = dict(negative_prompt=NEGATIVES, num_inference_steps=5, guidance_scale=7.5,
-                  latents=latents, output="float")
-    plain = v_pipe(PROMPTS, **kwargs)
+                  latents=latents, output_type="np")
+    plain = v_pipe(PROMPTS, **kwargs).images
     compiled = v_pipe._generate._cache_size()
-    ours = v_pipe(PROMPTS, guidance_rescale=0.7, **kwargs)
+    ours = v_pipe(PROMPTS, guidance_rescale=0.7, **kwargs).images
     assert v_pipe._generate._cache_size() == compiled
     parity("pipeline: SD1-style DDIM v, CFG 7.5, guidance_rescale 0.7 (pixels)", ours, reference,
            PIXEL_BAR)
@@ -128,7 +128,7 @@ def test_matches_diffusers_epsilon_batch_sharded(eps_folder, parity):
     latents = _latents(batch, seed=1)
     reference = _diffusers_images(eps_folder, prompts, ["blurry"] * batch, latents)
     ours = pipe(prompts, negative_prompt="blurry", num_inference_steps=5, latents=latents,
-                output="float")  # fmt: skip
+                output_type="np").images  # fmt: skip
     parity("pipeline: SD1-style DDIM eps, CFG 7.5, 5 steps, batch 8 sharded", ours, reference,
            PIXEL_BAR)  # fmt: skip
 
@@ -137,24 +137,27 @@ def test_one_compilation_across_prompts_scales_and_weights(v_pipe):
     pipe = LatentDiffusionPipeline(
         LatentDiffusionCheckpoint(v_pipe.spec, v_pipe.params, v_pipe.tokenizer)
     )
-    a = pipe("a red cube", num_inference_steps=2, seed=0)
-    b = pipe("a blue sphere on a table", num_inference_steps=2, seed=0, guidance_scale=3.0)
-    c = pipe("a red cube", num_inference_steps=2, seed=1)
+    a = pipe("a red cube", num_inference_steps=2, seed=0, output_type="uint8").images
+    b = pipe("a blue sphere on a table", num_inference_steps=2, seed=0, guidance_scale=3.0,
+             output_type="uint8").images
+    c = pipe("a red cube", num_inference_steps=2, seed=1, output_type="uint8").images
     assert pipe._generate._cache_size() == 1
     assert a.shape == (1, 16, 16, 3) and a.dtype == np.uint8  # default size: latent_size * 2
-    assert np.array_equal(a, pipe("a red cube", num_inference_steps=2, seed=0))
+    again = pipe("a red cube", num_inference_steps=2, seed=0, output_type="uint8").images
+    assert np.array_equal(a, again)
     assert not np.array_equal(a, b) and not np.array_equal(a, c)
     pipe.params = jax.tree.map(lambda p: p * 0.5, pipe.params)  # new weights, same shapes
-    pipe("a red cube", num_inference_steps=2, seed=0)
+    pipe("a red cube", num_inference_steps=2, seed=0, output_type="uint8")
     assert pipe._generate._cache_size() == 1
     # another sampler, without guidance (prompt only): one more compilation
     unguided = pipe("a red cube", num_inference_steps=2, sampler="dpm_solver", guidance_scale=1.0,
-                    output="float")  # fmt: skip
+                    output_type="np").images  # fmt: skip
     assert unguided.shape == (1, 16, 16, 3) and unguided.dtype == np.float32
     # DDIM with eta > 0 draws per-step noise from rng: same latents, other rng -> other image
     x_T = _latents(1)
     noisy = [
-        pipe("a red cube", num_inference_steps=2, eta=1.0, latents=x_T, seed=s) for s in (0, 1)
+        pipe("a red cube", num_inference_steps=2, eta=1.0, latents=x_T, seed=s,
+             output_type="uint8").images for s in (0, 1)
     ]
     assert not np.array_equal(*noisy)
 
@@ -164,9 +167,9 @@ def test_save_pretrained_orbax_round_trip(v_pipe, tmp_path):
     folder = v_pipe.save_pretrained(tmp_path / "sd-orbax", format="orbax")
     again = LatentDiffusionPipeline.from_pretrained(folder)
     assert again.spec == v_pipe.spec  # timestep settings included
-    kwargs = dict(negative_prompt="blurry", num_inference_steps=3, seed=4, output="float")
-    ours = v_pipe(PROMPTS, **kwargs)
-    np.testing.assert_array_equal(again(PROMPTS, **kwargs), ours)
+    kwargs = dict(negative_prompt="blurry", num_inference_steps=3, seed=4, output_type="np")
+    ours = v_pipe(PROMPTS, **kwargs).images
+    np.testing.assert_array_equal(again(PROMPTS, **kwargs).images, ours)
     with pytest.raises(DestinationExistsError):
         v_pipe.save_pretrained(folder, format="orbax")
     v_pipe.save_pretrained(folder, format="orbax", overwrite=True)
@@ -179,16 +182,16 @@ def test_bad_inputs(v_pipe):
         v_pipe("x", width=0)
     with pytest.raises(ValueError, match="num_inference_steps must be >= 1"):
         v_pipe("x", num_inference_steps=0)
-    with pytest.raises(ValueError, match="unknown sampler 'euler'.*ddim"):
-        v_pipe("x", sampler="euler")
+    with pytest.raises(ValueError, match="unknown sampler 'k_lms'.*ddim"):
+        v_pipe("x", sampler="k_lms")
     with pytest.raises(ValueError, match="PLMS needs eps predictions"):
         v_pipe("x", sampler="plms", num_inference_steps=2)
     with pytest.raises(ValueError, match="negative_prompt has 1 entries but prompt has 2"):
         v_pipe(["x", "y"], negative_prompt=["z"])
     with pytest.raises(ValueError, match=r"latents must have shape \(2, 8, 8, 4\)"):
         v_pipe(["x", "y"], latents=np.zeros((2, 4, 8, 8), np.float32))
-    with pytest.raises(ValueError, match="unknown output"):
-        v_pipe("x", output="pil")
+    with pytest.raises(ValueError, match="unknown output_type 'pt'"):
+        v_pipe("x", output_type="pt")
     with pytest.raises(ValueError, match="non-empty list of strings"):
         v_pipe([])
 
@@ -211,7 +214,7 @@ def test_bad_inputs(v_pipe):
         (dict(guidance_rescale=float("nan")), "guidance_rescale must be a finite number"),
         (dict(strength=float("nan")), "strength must be a finite number"),
         (dict(strength=1.5), r"strength must be in \(0, 1\]"),
-        (dict(sampler="euler"), "unknown sampler 'euler'.*ddim, ddpm, plms, dpm_solver"),
+        (dict(sampler="k_lms"), "unknown sampler 'k_lms'.*ddim, ddpm, plms, dpm_solver"),
     ],
 )
 def test_bad_numbers_are_refused_before_compiling(v_pipe, monkeypatch, kwargs, message):
@@ -225,12 +228,12 @@ def test_bad_numbers_are_refused_before_compiling(v_pipe, monkeypatch, kwargs, m
 
 def test_sampler_aliases_share_one_compiled_function(v_pipe):
     """The CLI's "dpm++" and the config's "dpm_solver" are one sampler (and one compile)."""
-    kwargs = dict(num_inference_steps=2, seed=1, output="float")
-    ours = v_pipe("x", sampler="dpm_solver", **kwargs)
+    kwargs = dict(num_inference_steps=2, seed=1, output_type="np")
+    ours = v_pipe("x", sampler="dpm_solver", **kwargs).images
     compiled = v_pipe._generate._cache_size()
-    np.testing.assert_array_equal(v_pipe("x", sampler="dpm++", **kwargs), ours)
+    np.testing.assert_array_equal(v_pipe("x", sampler="dpm++", **kwargs).images, ours)
     assert v_pipe._generate._cache_size() == compiled
-    largest_seed = v_pipe("x", sampler="dpm++", **{**kwargs, "seed": 2**32 - 1})
+    largest_seed = v_pipe("x", sampler="dpm++", **{**kwargs, "seed": 2**32 - 1}).images
     assert largest_seed.shape == ours.shape and not np.array_equal(largest_seed, ours)
 
 

@@ -58,7 +58,7 @@ def test_class_conditional_with_null_class_guidance(params, parity):
     x_T = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
     reference = _reference(params, labels, x_T, scale=3.0, steps=4)
     ours = pipe(class_labels=labels, guidance_scale=3.0, num_inference_steps=4, latents=x_T,
-                output="float")  # fmt: skip
+                output_type="np").images  # fmt: skip
     diff = np.abs(ours - reference).max()
     print(f"class-conditional max abs pixel diff: {diff:.2e}")
     parity("pipeline class-conditional: null-class CFG 3, DDIM, 4 steps", ours, reference,
@@ -66,10 +66,11 @@ def test_class_conditional_with_null_class_guidance(params, parity):
     assert ours.shape == (2, 16, 16, 3) and diff <= PIXEL_BAR
     # the label and the guidance scale reach the images (same compiled function)
     swapped = pipe(class_labels=[7, 3], guidance_scale=3.0, num_inference_steps=4, latents=x_T,
-                   output="float")  # fmt: skip
+                   output_type="np").images  # fmt: skip
     assert np.abs(swapped - ours).max() > max(1e-4, 100 * diff)  # random weights: a small effect
     assert pipe._generate._cache_size() == 1
-    assert pipe(class_labels=5, guidance_scale=1.0, num_inference_steps=1).shape == (1, 16, 16, 3)
+    assert pipe(class_labels=5, guidance_scale=1.0, num_inference_steps=1,
+                output_type="uint8").images.shape == (1, 16, 16, 3)
 
 
 def test_bad_class_inputs(params):

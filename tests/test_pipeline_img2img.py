@@ -49,7 +49,8 @@ def test_matches_diffusers_img2img(folder, pipe, parity, monkeypatch):
         ).images  # fmt: skip
     seen = []
     ours = pipe(PROMPTS, negative_prompt=["blurry", ""], image=image, latents=noise,
-                output="float", callback=lambda i, x: seen.append(i), **kwargs)  # fmt: skip
+                output_type="np", callback_on_step_end=lambda i, t, x: seen.append(i),
+                **kwargs).images  # fmt: skip
     assert ours.shape == reference.shape == (2, 16, 16, 3)
     parity("pipeline img2img: SD1-style DDIM v, strength 0.6, 5 steps (pixels)", ours, reference,
            PIXEL_BAR)  # fmt: skip
@@ -58,7 +59,8 @@ def test_matches_diffusers_img2img(folder, pipe, parity, monkeypatch):
     assert seen == [0, 1, 2] == list(range(sampler_iterations("ddim", 5, 0.6)))
     # the image matters, and so does strength
     other = pipe(PROMPTS, negative_prompt=["blurry", ""], image=_image(1), latents=noise,
-                 output="float", callback=lambda i, x: None, **kwargs)  # fmt: skip
+                 output_type="np", callback_on_step_end=lambda i, t, x: None,
+                 **kwargs).images  # fmt: skip
     assert np.abs(other - reference).max() > 10 * PIXEL_BAR
     assert pipe._generate._cache_size() == 1  # a new image reuses the compiled function
 

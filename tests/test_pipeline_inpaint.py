@@ -52,7 +52,7 @@ def test_sd_inpainting_matches_diffusers(sd_folder, parity, monkeypatch):
             output_type="np",
         ).images  # fmt: skip
     ours = pipe(prompts, image=Image.fromarray(IMAGE), mask_image=MASK, num_inference_steps=5,
-                latents=noise, output="float")  # fmt: skip
+                latents=noise, output_type="np").images  # fmt: skip
     diff = np.abs(ours - reference).max()
     print(f"SD inpainting max abs pixel diff: {diff:.2e}")
     parity("pipeline inpaint: SD 9-channel, DDIM v, CFG 7.5, 5 steps (pixels)", ours, reference,
@@ -60,7 +60,7 @@ def test_sd_inpainting_matches_diffusers(sd_folder, parity, monkeypatch):
     assert diff <= PIXEL_BAR
     # the mask reaches the model: another mask, other pixels
     other = pipe(prompts, image=IMAGE, mask_image=255 - MASK, num_inference_steps=5,
-                 latents=noise, output="float")  # fmt: skip
+                 latents=noise, output_type="np").images  # fmt: skip
     assert np.abs(other - reference).max() > 10 * PIXEL_BAR
     with pytest.raises(ValueError, match="inpainting needs image= and mask_image="):
         pipe("x", image=IMAGE)
@@ -122,7 +122,8 @@ def test_ldm_inpainting_matches_compvis_script(parity):
     assert pipe.task.name == "inpainting" and pipe.task.conditioning is None
     x_T = RNG.standard_normal((1, 8, 8, 3)).astype(np.float32)
     reference = _compvis_inpaint(params, IMAGE, MASK, x_T, steps=4)
-    ours = pipe(image=IMAGE, mask_image=MASK, num_inference_steps=4, latents=x_T, output="float")
+    ours = pipe(image=IMAGE, mask_image=MASK, num_inference_steps=4, latents=x_T,
+                output_type="np").images
     diff = np.abs(ours - reference).max()
     print(f"LDM inpainting max abs pixel diff: {diff:.2e}")
     parity("pipeline inpaint: LDM 7-channel, DDIM, 4 steps (pixels)", ours, reference, PIXEL_BAR)
@@ -135,7 +136,8 @@ def test_ldm_inpainting_matches_compvis_script(parity):
     with pytest.raises(ValueError, match="prompt does not apply"):
         pipe("a cat", image=IMAGE, mask_image=MASK)
     mask = jax.numpy.asarray(MASK)
-    images = pipe(batch_size=2, image=IMAGE, mask_image=mask, num_inference_steps=1)
+    images = pipe(batch_size=2, image=IMAGE, mask_image=mask, num_inference_steps=1,
+                  output_type="uint8").images
     assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
 
 

@@ -24,12 +24,13 @@ def test_unconditional_matches_diffusers_ldm_pipeline(tmp_path, parity):
         ).images
     pipe = LatentDiffusionPipeline.from_pretrained(tmp_path / "ldm")
     assert pipe.task.name == "unconditional"
-    ours = pipe(batch_size=2, num_inference_steps=5, latents=noise, output="float")
+    ours = pipe(batch_size=2, num_inference_steps=5, latents=noise, output_type="np").images
     diff = np.abs(ours - reference).max()
     print(f"unconditional LDM max abs pixel diff: {diff:.2e}")
     parity("pipeline unconditional: LDM VQ, DDIM, 5 steps (pixels)", ours, reference, PIXEL_BAR)
     assert ours.shape == (2, 16, 16, 3) and diff <= PIXEL_BAR
-    assert pipe(num_inference_steps=1).shape == (1, 16, 16, 3)  # batch_size defaults to 1
+    assert pipe(num_inference_steps=1,
+                output_type="uint8").images.shape == (1, 16, 16, 3)  # batch_size defaults to 1
     with pytest.raises(ValueError, match=r"prompt does not apply.*\(use batch_size"):
         pipe("a face")
     with pytest.raises(ValueError, match="negative_prompt needs a text-conditioned checkpoint"):
@@ -42,7 +43,8 @@ def test_unconditional_matches_diffusers_ldm_pipeline(tmp_path, parity):
     image = np.full((16, 16, 3), 128, np.uint8)
     seen = []
     images = pipe(batch_size=8, image=image, strength=0.5, num_inference_steps=6, sampler="plms",
-                  callback=lambda i, x: seen.append(i))  # fmt: skip
+                  callback_on_step_end=lambda i, t, x: seen.append(i),
+                  output_type="uint8").images  # fmt: skip
     assert images.shape == (8, 16, 16, 3) and pipe._batch_sharding(8).spec == PartitionSpec("data")
     assert len(seen) == sampler_iterations("plms", 6, 0.5) == 4  # 3 steps + PLMS's warm-up
 
@@ -62,12 +64,14 @@ def test_super_resolution_matches_diffusers(tmp_path, parity):
     pipe = LatentDiffusionPipeline.from_pretrained(tmp_path / "sr")
     assert pipe.spec.diffusion.concat_input == "low_res_image"
     assert pipe.task.name == "super-resolution"
-    ours = pipe(low_res_image=low_res, num_inference_steps=5, latents=noise, output="float")
+    ours = pipe(low_res_image=low_res, num_inference_steps=5, latents=noise,
+                output_type="np").images
     diff = np.abs(ours - reference).max()
     print(f"super-resolution max abs pixel diff: {diff:.2e}")
     parity("pipeline super-resolution: LDM VQ, DDIM, 5 steps (pixels)", ours, reference, PIXEL_BAR)
     assert ours.shape == (1, 16, 16, 3) and diff <= PIXEL_BAR  # 2x the low-res size
-    other = pipe(low_res_image=255 - low_res, num_inference_steps=5, latents=noise, output="float")
+    other = pipe(low_res_image=255 - low_res, num_inference_steps=5, latents=noise,
+                 output_type="np").images
     assert np.abs(other - reference).max() > 10 * PIXEL_BAR  # the low-res image matters
     with pytest.raises(ValueError, match="super-resolution needs low_res_image="):
         pipe()

@@ -83,8 +83,8 @@ def test_dpm_solver_size_and_odd_batch(tiny, tmp_path, progress_bars):
 BAD_INPUTS = {
     "no checkpoint": ([], "--checkpoint is required"),
     "unknown sampler": (
-        ["--sampler", "euler"],
-        "choose from 'ddim', 'ddpm', 'plms', 'dpm_solver', 'dpm++'",
+        ["--sampler", "k_lms"],
+        "choose from 'ddim', 'ddpm', 'plms', 'dpm_solver', 'dpm++_2m_karras'",
     ),
     "unknown attention": (["--attention", "flash"], "choose from 'auto', 'xla', 'cudnn'"),
     "rescale above 1": (["--guidance-rescale", "2"], "--guidance-rescale must be in [0, 1]"),

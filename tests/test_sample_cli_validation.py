@@ -77,13 +77,14 @@ def test_one_sampler_vocabulary():
         assert alias in registry and registry[alias] is registry[name] is registry.get(alias)
     for name in sampler_options.SAMPLER_NAMES:
         assert canonical_sampler(name) == name
-    assert canonical_sampler("dpm++") == "dpm_solver"
-    assert "euler" not in registry and registry.get("euler") is None
-    for unknown in ("euler", "DDIM", None, 3):
+    assert canonical_sampler("dpm++") == canonical_sampler("dpm++_2m") == "dpm_solver"
+    assert canonical_sampler("EulerDiscreteScheduler") == "euler"  # diffusers' class names
+    assert "k_lms" not in registry and registry.get("k_lms") is None
+    for unknown in ("k_lms", "DDIM", "LMSDiscreteScheduler", None, 3):
         with pytest.raises(ValueError, match="unknown sampler.*ddim, ddpm, plms, dpm_solver"):
             canonical_sampler(unknown)
     with pytest.raises(KeyError, match="aliases: dpm\\+\\+ = dpm_solver"):
-        registry["euler"]
+        registry["k_lms"]
     # the CLI's table is the library's: every name and alias, each meaning its canonical sampler
     assert common.SAMPLERS == {n: canonical_sampler(n) for n in sampler_options.ALL_SAMPLER_NAMES}
     assert set(common.SAMPLERS.values()) == set(registry)
@@ -191,9 +192,9 @@ def test_sample_out_that_cannot_be_a_folder(tmp_path, capsys, never_loads):
         (["--guidance", "inf"], "--guidance must be a finite number, got inf"),
         (["--seed", "-1"], "--seed must be in [0, 2**32 - 1]"),
         (["--seed", str(2**70)], "--seed must be in [0, 2**32 - 1]"),
-        (["--seed", str(MAX_SEED)], f"--seed must be <= {MAX_SEED - 1} here: batch 1 uses"),
+        (["--seed", str(MAX_SEED)], f"--seed must be <= {MAX_SEED - 3} here: image 3 uses"),
         (["--data-seed", "-1"], "--data-seed must be >= 0"),
-        (["--sampler", "euler"], "invalid choice"),
+        (["--sampler", "k_lms"], "invalid choice"),
     ],
 )
 def test_adherence_bad_numbers(extra, message, capsys, never_loads):

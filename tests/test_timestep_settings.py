@@ -17,6 +17,7 @@ from ldm_jax.checkpoints import LatentDiffusionCheckpoint, load_checkpoint
 from ldm_jax.checkpoints.compvis.export import SPEC_METADATA_KEY
 from ldm_jax.checkpoints.errors import ArchitectureError, UnsupportedExportError
 from ldm_jax.checkpoints.orbax import SPEC_FILE
+from ldm_jax.diffusion.sampler_plans import sampler_plan
 from ldm_jax.diffusion.timesteps import make_timesteps
 from ldm_jax.sampling import LatentDiffusionPipeline
 from ldm_jax.spec import DiffusionSpec, spec_from_dict, spec_to_dict
@@ -206,6 +207,7 @@ def test_hub_id_scheduler_settings_reach_the_checkpoint(sd_folder, tmp_path, mon
 
     pipe = LatentDiffusionPipeline.from_pretrained("org/name")  # the sampler visits them
     assert _settings(pipe.spec) == TRAILING
-    t_N, prev_N = pipe.timesteps("ddim", 3)
+    t_N = pipe.timesteps("ddim", 3)
     np.testing.assert_array_equal(t_N, make_timesteps(3, 1000, "trailing", 0))  # [999, 666, 332]
-    assert prev_N[-1] == -1  # set_alpha_to_one: the last step ends at abar = 1, not abar_0
+    plan = sampler_plan("ddim", pipe.spec.diffusion, 1000, 3)
+    assert plan.prev_timesteps[-1] == -1  # set_alpha_to_one: the last step ends at abar = 1

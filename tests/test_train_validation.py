@@ -74,7 +74,7 @@ def test_a_positional_argument_is_an_error_not_the_default_run(tmp_path, monkeyp
         ("--config.first_stage.train.num_steps=0", "first_stage.train.num_steps=0 must be >= 1"),
         ("--config.first_stage.global_batch_size=-1", "first_stage.global_batch_size=-1"),
         # stage 2's sampling settings: once found only after both stages had trained
-        ("--config.sample.sampler=euler", "unknown sampler 'euler'"),
+        ("--config.sample.sampler=k_lms", "unknown sampler 'k_lms'"),
         ("--config.sample.steps=0", "sample.steps=0 must be >= 1"),
         ("--config.sample.guidance=nan", "sample.guidance must be a finite number, got nan"),
         ("--config.sample.guidance=inf", "sample.guidance must be a finite number, got inf"),
@@ -90,8 +90,8 @@ def test_the_default_runs_config_is_checked_before_any_work(tmp_path, capsys, ov
 def test_the_default_run_checks_both_stages_when_built_directly():
     """The API path (default_task.make_task) refuses stage 2's bad sampler before stage 1 runs."""
     config = load_config(DEFAULT, "ci")
-    config.sample.sampler = "euler"
-    with pytest.raises(ValueError, match="unknown sampler 'euler'"):
+    config.sample.sampler = "k_lms"
+    with pytest.raises(ValueError, match="unknown sampler 'k_lms'"):
         default_task.make_task(config)
 
 

@@ -1,12 +1,15 @@
 """Prompt adherence of a checkpoint: sample the shapes test split's captions, read them back.
 
-    python -m ldm_jax.eval.adherence --checkpoint PATH [--n 64] [--steps 50] [--guidance 5]
-        [--sampler ddim|ddpm|plms|dpm++|dpm_solver] [--batch 16] [--seed 0] [--json FILE]
-        [--grid FILE]
+    python -m ldm_jax.eval.adherence [--checkpoint PATH] [--n 64] [--steps 50] [--guidance 4]
+        [--sampler NAME] [--batch 16] [--seed 0] [--json FILE] [--grid FILE]
 
-Prompts are the first ``--n`` captions of the shapes dataset's test split (``--data-seed``), so runs
-are comparable. Prints per-attribute accuracy (see ``ldm_jax.eval.adherence``) beside the default
-run's targets; ``--json`` also writes it (with every image's checks), ``--grid`` the sampled images.
+Without --checkpoint it evaluates the default run's model (``python train.py`` writes it), as
+``sample.py`` samples it. Prompts are the first ``--n`` captions of the shapes dataset's test split
+(``--data-seed``), so runs are comparable. The default guidance, 4, is the one the default run
+samples its grid with (configs/default.py) and README's figures were measured at; ``sample.py``'s
+7.5 is Stable Diffusion's usual scale. Prints per-attribute accuracy (see
+``ldm_jax.eval.adherence``) beside the default run's targets; ``--json`` also writes it (with every
+image's checks), ``--grid`` the sampled images.
 Bad input is one ``error:`` line on stderr and exit status 2; outputs are written atomically.
 """
 
@@ -20,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ldm_jax.atomic import atomic_output
+from ldm_jax.cli import common
 from ldm_jax.cli.common import (
     SAMPLERS,
     Parser,
@@ -37,6 +41,8 @@ from ldm_jax.images import make_grid, write_png
 from ldm_jax.sampler_options import MAX_SEED, check_guidance, check_seed
 
 _SETTINGS = ("n", "steps", "sampler", "guidance", "batch", "seed", "data_seed")
+# the default run's sample.guidance (configs/default.py): its grid and README's figures use it
+DEFAULT_GUIDANCE = 4.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,16 +51,24 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sample the shapes test split's captions with a text-to-image checkpoint and "
         "report how often the images show the captions' colours, shapes, positions and sizes.",
     )
-    parser.add_argument("--checkpoint", required=True, help="checkpoint folder or file (required)")
+    parser.add_argument(
+        "--checkpoint",
+        help="checkpoint folder or file (default: the default run's model, as sample.py's, which "
+        "`python train.py` writes)",
+    )
     parser.add_argument("--n", type=int, default=64, help="number of test prompts (default 64)")
     parser.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
     parser.add_argument("--sampler", choices=tuple(SAMPLERS), default="ddim", help="default ddim")
     parser.add_argument(
-        "--guidance", type=float, default=5.0, help="CFG scale, finite (5; <=1 off)"
+        "--guidance",
+        type=float,
+        default=DEFAULT_GUIDANCE,
+        help=f"CFG scale, finite; <=1 off (default {DEFAULT_GUIDANCE:g}: the default run samples "
+        "its grid and README's figures with it; sample.py's 7.5 is Stable Diffusion's scale)",
     )
     parser.add_argument("--batch", type=int, default=16, help="images per sampler call (16)")
     parser.add_argument(
-        "--seed", type=int, default=0, help="sampling seed (default 0); batch k uses seed + k"
+        "--seed", type=int, default=0, help="sampling seed (default 0); image i uses seed + i"
     )
     parser.add_argument("--data-seed", type=int, default=0, help="shapes dataset seed (default 0)")
     parser.add_argument("--json", metavar="FILE", help="also write the report as JSON here")
@@ -73,14 +87,16 @@ def check_args(args) -> None:
     if args.batch < 1:
         raise UsageError(f"--batch must be >= 1, got {args.batch}")
     check_number(check_guidance, args.guidance, "--guidance")
-    last = -(-args.n // args.batch) - 1  # batch k samples with seed + k
+    last = -(-args.n // args.batch) * args.batch - 1  # image i (padding too) uses seed + i
     check_number(check_seed, args.seed, "--seed")
     if args.seed + last > MAX_SEED:
         raise UsageError(
-            f"--seed must be <= {MAX_SEED - last} here: batch {last} uses seed + {last}"
+            f"--seed must be <= {MAX_SEED - last} here: image {last} uses seed + {last}"
         )
     if args.data_seed < 0:
         raise UsageError(f"--data-seed must be >= 0, got {args.data_seed}")
+    if not args.checkpoint:  # sample.py's default (moved to ldm_jax.cli.common for both)
+        args.checkpoint = common.default_checkpoint("the folder or file a training run saved")
     require_checkpoint(
         args.checkpoint,
         hub_ids=False,
@@ -101,7 +117,8 @@ def check_args(args) -> None:
 
 
 def sample_images(pipe, prompts, args) -> np.ndarray:
-    """uint8 [n, H, W, 3]; every call has --batch prompts (the last is padded): one compile."""
+    """uint8 [n, H, W, 3]; every call has --batch prompts (the last is padded): one compile.
+    Image i has seed --seed + i, so each image's noise is its own and it can be sampled alone."""
     from tqdm.auto import tqdm  # noqa: PLC0415
 
     batches = [prompts[i : i + args.batch] for i in range(0, len(prompts), args.batch)]
@@ -113,9 +130,10 @@ def sample_images(pipe, prompts, args) -> np.ndarray:
             num_inference_steps=args.steps,
             guidance_scale=args.guidance,
             sampler=SAMPLERS[args.sampler],
-            seed=args.seed + k,
+            seed=args.seed + k * args.batch,  # seeds seed + k * batch, ..., one per image
+            output_type="uint8",
         )
-        images.append(out[: len(batch)])
+        images.append(out.images[: len(batch)])
     return np.concatenate(images)
 
 

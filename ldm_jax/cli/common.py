@@ -25,6 +25,9 @@ SAMPLERS = {name: canonical_sampler(name) for name in ALL_SAMPLER_NAMES}
 LOAD_ERRORS = (ValueError, OSError, ImportError, KeyError, NotImplementedError)
 # as ldm_jax.checkpoints.load.LOCAL_SUFFIXES (tests/test_untrusted_files.py checks they agree)
 _LOCAL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".yaml", ".yml")
+# the model `python train.py` (the built-in default run) writes: the commands' checkpoint when
+# --checkpoint is omitted (relative to the working folder, as the run's workdir)
+DEFAULT_CHECKPOINT = Path("runs/default/model")
 
 
 class UsageError(Exception):
@@ -69,6 +72,17 @@ def require_checkpoint(checkpoint: str, *, hint: str, hub_ids: bool = True) -> N
     found = exists_or_hub_id(checkpoint) if hub_ids else Path(checkpoint).expanduser().exists()
     if not found:
         raise UsageError(f"checkpoint {checkpoint!r} not found: {hint}")
+
+
+def default_checkpoint(accepted: str) -> str:
+    """The default run's model, for a command given no --checkpoint; UsageError saying how to get
+    it (or what to pass instead: `accepted`) when it is not there."""
+    if not DEFAULT_CHECKPOINT.is_dir():
+        raise UsageError(
+            f"--checkpoint is required when there is no default model ({DEFAULT_CHECKPOINT}): "
+            f"run `python train.py` first to train it, or pass {accepted}"
+        )
+    return str(DEFAULT_CHECKPOINT)
 
 
 def check_number(check: Callable, value, flag: str):

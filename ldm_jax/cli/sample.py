@@ -1,7 +1,7 @@
 """Sampling from the shell: the logic behind ``python sample.py``.
 
     python sample.py --checkpoint PATH_OR_ID --prompt "a photo of a cat" [--n 4] [--steps 50]
-        [--sampler ddim|ddpm|plms|dpm++|dpm_solver] [--guidance 7.5] [--seed 0] [--out outputs/]
+        [--sampler NAME] [--guidance 7.5] [--seed S] [--out outputs/]
         [--init-image PATH --strength 0.75] [--mask PATH] [--class-label N] [--low-res-image PATH]
 
 The checkpoint decides the task: text-to-image (--prompt), unconditional (no conditioning flag),
@@ -10,10 +10,12 @@ class-conditional (--class-label), image-to-image (--init-image, --strength), in
 an error.
     python sample.py --prompt "a red circle"    # the model of `python train.py` (runs/default)
 
-Writes ``00.png, 01.png, ...`` (one per image) and ``grid.png`` into ``--out``, with a per-step
-progress bar on stderr. Bad input is one ``error:`` line on stderr, exit status 2, and nothing
-written: everything is checked before sampling, existing files are kept unless ``--overwrite``, and
-the PNGs are written into a temporary folder inside ``--out`` and then moved into place.
+Writes ``00.png, 01.png, ...`` (one per image, each with its own seed in the "parameters" PNG
+text: ``--seed S`` gives image i the seed S + i, no --seed draws a fresh S) and ``grid.png`` into
+``--out``, with a per-step progress bar on stderr. Bad input is one ``error:`` line on stderr,
+exit status 2, and nothing written: everything is checked before sampling, existing files are kept
+unless ``--overwrite``, and the PNGs are written into a temporary folder inside ``--out`` and then
+moved into place.
 """
 
 from __future__ import annotations
@@ -27,11 +29,13 @@ import tempfile
 from pathlib import Path
 
 from ldm_jax.cli.common import (
+    DEFAULT_CHECKPOINT,
     SAMPLERS,
     Parser,
     UsageError,
     check_number,
     check_output_folder,
+    default_checkpoint,
     load_pipeline,
     prog_name,
     require_checkpoint,
@@ -40,6 +44,9 @@ from ldm_jax.cli.common import (
 from ldm_jax.images import make_grid, to_pil
 from ldm_jax.models.attention_dispatch import ATTENTION_CHOICES
 from ldm_jax.sampler_options import (
+    SAMPLER_ALIASES,
+    SAMPLER_INFO,
+    SAMPLER_NAMES,
     check_eta,
     check_guidance,
     check_guidance_rescale,
@@ -49,8 +56,6 @@ from ldm_jax.sampler_options import (
 
 DTYPES = ("float32", "bfloat16")
 GRID_NAME = "grid.png"
-# the model `python train.py` (the built-in default run) writes; used when --checkpoint is omitted
-DEFAULT_CHECKPOINT = Path("runs/default/model")
 CHECKPOINT_HELP = (
     "a diffusers folder, a CompVis .safetensors/.ckpt file, an ldm_jax orbax folder, or a hub id "
     "(org/name, downloaded when named)"
@@ -79,9 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--sampler",
         choices=tuple(SAMPLERS),
+        metavar="NAME",
         default="ddim",
-        help="ddim (default), ddpm, plms (epsilon models only), dpm++ = dpm_solver "
-        "(DPM-Solver++ 2M)",
+        help=f"one of {', '.join(SAMPLER_NAMES)} (default ddim; plms: epsilon models only; "
+        f"README's sampler table gives the diffusers scheduler of each); aliases: "
+        f"{', '.join(SAMPLER_ALIASES)}",
     )
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1] (default 0)")
     parser.add_argument(
@@ -97,7 +104,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="guidance rescale in [0, 1] (0 = off; 0.7 for zero-terminal-SNR v-models)",
     )
     parser.add_argument(
-        "--seed", type=int, default=0, help="random seed in [0, 2**32 - 1] (default 0)"
+        "--seed",
+        type=int,
+        default=None,
+        help="seed in [0, 2**32 - 1] of the first image (image i: seed + i); default: a fresh "
+        "random one, printed and written into each PNG",
+    )
+    parser.add_argument(
+        "--clip-skip",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CLIP text models: condition on the text encoder's output N layers earlier "
+        "(diffusers' clip_skip; 1 = the penultimate layer)",
     )
     parser.add_argument(
         "--height", type=int, help="image height in pixels, a multiple of the VAE factor (8 for SD)"
@@ -155,12 +174,7 @@ def output_names(n: int) -> list[str]:
 def check_args(args) -> None:
     """Checks that need no model; UsageError on the first problem."""
     if not args.checkpoint:
-        if not DEFAULT_CHECKPOINT.is_dir():
-            raise UsageError(
-                f"--checkpoint is required when there is no default model ({DEFAULT_CHECKPOINT}): "
-                f"run `python train.py` first to train it, or pass {CHECKPOINT_HELP}"
-            )
-        args.checkpoint = str(DEFAULT_CHECKPOINT)
+        args.checkpoint = default_checkpoint(CHECKPOINT_HELP)
     for flag in ("init_image", "mask", "low_res_image"):
         path = getattr(args, flag)
         if path is not None and not Path(path).expanduser().is_file():
@@ -170,7 +184,10 @@ def check_args(args) -> None:
     check_number(check_eta, args.eta, "--eta")
     if args.eta and SAMPLERS[args.sampler] != "ddim":
         raise UsageError(f"--eta applies to --sampler ddim only, not {args.sampler}")
-    check_number(check_seed, args.seed, "--seed")
+    if args.seed is not None:
+        check_number(check_seed, args.seed, "--seed")
+    if args.clip_skip is not None and args.clip_skip < 0:
+        raise UsageError(f"--clip-skip must be >= 0, got {args.clip_skip}")
     if args.strength is not None:
         check_number(check_strength, args.strength, "--strength")
         if args.init_image is None:
@@ -198,10 +215,10 @@ def check_model(args, pipe) -> None:
             raise UsageError(f"--{flag} {value} is not a multiple of {f} (the VAE factor)")
     check_task_flags(args, pipe.task)
     prediction = pipe.spec.diffusion.prediction_type
-    if SAMPLERS[args.sampler] == "plms" and prediction not in ("epsilon", "eps"):
+    if SAMPLER_INFO[SAMPLERS[args.sampler]].epsilon_only and prediction not in ("epsilon", "eps"):
         raise UsageError(
-            f"--sampler plms needs an epsilon model; this one predicts {prediction!r}: "
-            "use ddim, ddpm or dpm++"
+            f"--sampler {args.sampler} needs an epsilon model; this one predicts "
+            f"{prediction!r}: use any other sampler, e.g. ddim or dpm++_2m_karras"
         )
 
 
@@ -237,13 +254,12 @@ def check_task_flags(args, task) -> None:
 def task_inputs(args, task) -> dict:
     """The pipeline keyword arguments of the task flags (images opened; UsageError if not)."""
     kwargs = {}
+    kwargs["num_images_per_prompt"] = args.n
     if task.conditioning == "text":
-        kwargs["prompt"] = [args.prompt] * args.n
+        kwargs["prompt"] = args.prompt
         kwargs["negative_prompt"] = args.negative_prompt
     elif task.conditioning == "class":
-        kwargs["class_labels"] = [args.class_label] * args.n
-    else:
-        kwargs["batch_size"] = args.n
+        kwargs["class_labels"] = [args.class_label]
     if args.init_image is not None:
         kwargs["image"] = _open_image(args.init_image, "--init-image", "RGB")
         if args.mask is not None:
@@ -261,6 +277,7 @@ def _flag_names(message: str) -> str:
     message = message.replace("guidance_scale=1", "--guidance 1")
     message = message.replace("guidance_scale ", "--guidance ")
     for argument, flag in (
+        ("clip_skip", "--clip-skip"),
         ("mask_image", "--mask"),
         ("low_res_image", "--low-res-image"),
         ("image", "--init-image"),
@@ -297,23 +314,30 @@ def prompt_warnings(tokenizer, prompts) -> list[str]:
     return warnings
 
 
-def write_images(images_BHWC, out: Path, metadata: dict) -> list[Path]:
-    """Save the per-image PNGs and grid.png, each with ``metadata`` as its "parameters" text, into
-    ``out``: all are written into a temporary folder there first, then moved into place, so a
-    failed encode leaves no partial set."""
+def write_images(images_BHWC, out: Path, metadata: dict, seeds=None) -> list[Path]:
+    """Save the per-image PNGs and grid.png, each with ``metadata`` as its "parameters" text
+    (plus the image's own seed; the grid lists them all), into ``out``: all are written into a
+    temporary folder there first, then moved into place, so a failed encode leaves no partial
+    set."""
     from PIL import Image  # noqa: PLC0415
     from PIL.PngImagePlugin import PngInfo  # noqa: PLC0415
 
-    info = PngInfo()
-    info.add_text("parameters", json.dumps(metadata))
+    def info(**extra) -> PngInfo:
+        text = PngInfo()
+        text.add_text("parameters", json.dumps({**metadata, **extra}))
+        return text
+
     names = output_names(len(images_BHWC))
     grid = Image.fromarray(make_grid(images_BHWC))
+    seeds = [None] * len(names) if seeds is None else list(seeds)
+    infos = [info() if seed is None else info(seed=seed) for seed in seeds]
+    infos.append(info() if seeds[0] is None else info(seeds=seeds))
     files = [*zip(names, to_pil(images_BHWC), strict=True), (GRID_NAME, grid)]
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".sample-", dir=out))
     try:
-        for name, image in files:
-            image.save(staging / name, pnginfo=info)
+        for (name, image), text in zip(files, infos, strict=True):
+            image.save(staging / name, pnginfo=text)
         written = []
         for name, _ in files:
             os.replace(staging / name, out / name)
@@ -350,7 +374,7 @@ def _sample(args) -> int:
         raise UsageError(f"--strength: {error}") from error
     with StepProgress(iterations, desc=f"{args.sampler}", disable=args.no_progress) as progress:
         try:
-            images = pipe(
+            result = pipe(
                 height=args.height,
                 width=args.width,
                 num_inference_steps=args.steps,
@@ -359,7 +383,9 @@ def _sample(args) -> int:
                 sampler=sampler,
                 eta=args.eta,
                 seed=args.seed,
-                callback=progress,
+                clip_skip=args.clip_skip,
+                output_type="uint8",
+                callback_on_step_end=progress,
                 **kwargs,
             )
         except ValueError as error:
@@ -372,13 +398,16 @@ def _sample(args) -> int:
     for key in ("init_image", "strength", "mask", "class_label", "low_res_image"):
         if getattr(args, key) is not None:
             metadata[key] = getattr(args, key)
-    metadata.update(guidance=args.guidance, seed=args.seed)
-    if args.guidance_rescale:
-        metadata["guidance_rescale"] = args.guidance_rescale
-    written = write_images(images, Path(args.out), metadata)
+    metadata.update(guidance=args.guidance)
+    for key in ("guidance_rescale", "clip_skip"):
+        if getattr(args, key):
+            metadata[key] = getattr(args, key)
+    written = write_images(result.images, Path(args.out), metadata, result.seeds)
     names = [p.name for p in written[:-1]]
     names = ", ".join(names) if len(names) <= 4 else f"{names[0]} ... {names[-1]}"
     print(f"wrote {len(written) - 1} images ({names}) and {GRID_NAME} to {Path(args.out)}/")
+    seeds = result.seeds
+    print(f"seeds: {seeds[0]}" + (f" ... {seeds[-1]} (one per image)" if len(seeds) > 1 else ""))
     return 0
 
 

@@ -21,12 +21,29 @@ Every sampler has one signature::
 
 The whole loop is one ``lax.scan`` (sampler state in the carry), so ``jax.jit`` compiles a sampler
 once per shape and step count. Samplers: ``ddpm`` (Ho et al. Alg. 2), ``ddim`` (Song et al. eq. 12,
-``eta``), ``plms`` (Liu et al. PNDM, eps only), ``dpm_solver`` (Lu et al. DPM-Solver++(2M)); each
-matches the corresponding diffusers scheduler step for step (see tests/test_diffusion_samplers.py).
-``SAMPLERS`` also resolves the aliases every entry point accepts (``"dpm++"``: ``dpm_solver``).
+``eta``), ``plms`` (Liu et al. PNDM, eps only), ``dpm_solver`` (Lu et al. DPM-Solver++(2M)),
+``dpm_solver_sde`` (SDE-DPM-Solver++(2M)), ``unipc`` (Zhao et al. UniPC-2) and the sigma-space
+ones of Karras et al. (``euler``, ``euler_ancestral``, ``heun``); each matches the corresponding
+diffusers scheduler step for step (tests/test_diffusion_samplers*.py). ``SAMPLERS`` holds one
+entry per row of ``ldm_jax.sampler_options.SAMPLER_TABLE`` (Karras variants with
+``use_karras_sigmas=True`` bound) and resolves the aliases every entry point accepts
+(``"dpm++"``, diffusers' class names). ``sampler_plans`` runs each with its diffusers scheduler's
+timesteps.
 """
 
-from ldm_jax.diffusion import ddim, ddpm, dpm_solver, plms
+import functools
+
+from ldm_jax.diffusion import (
+    ddim,
+    ddpm,
+    dpm_solver,
+    dpm_solver_sde,
+    euler,
+    euler_ancestral,
+    heun,
+    plms,
+    unipc,
+)
 from ldm_jax.diffusion.guidance import classifier_free_guidance, guidance_combine
 from ldm_jax.diffusion.parameterization import (
     PREDICTION_TYPES,
@@ -45,7 +62,7 @@ from ldm_jax.diffusion.timesteps import (
     previous_timesteps,
     strided_previous_timesteps,
 )
-from ldm_jax.sampler_options import SAMPLER_ALIASES, canonical_sampler
+from ldm_jax.sampler_options import SAMPLER_ALIASES, SAMPLER_TABLE, canonical_sampler
 
 
 class _Samplers(dict):
@@ -63,9 +80,19 @@ class _Samplers(dict):
         return dict.get(self, SAMPLER_ALIASES.get(name, name), default)
 
 
-SAMPLERS = _Samplers(
-    ddpm=ddpm.sample, ddim=ddim.sample, plms=plms.sample, dpm_solver=dpm_solver.sample
-)
+_MODULES = {
+    "ddim": ddim, "ddpm": ddpm, "plms": plms, "dpm_solver": dpm_solver,
+    "dpm_solver_sde": dpm_solver_sde, "euler": euler, "euler_ancestral": euler_ancestral,
+    "heun": heun, "unipc": unipc,
+}  # fmt: skip
+
+
+def _sample_function(info):
+    sample = _MODULES[info.module].sample
+    return functools.partial(sample, use_karras_sigmas=True) if info.karras else sample
+
+
+SAMPLERS = _Samplers({info.name: _sample_function(info) for info in SAMPLER_TABLE})
 
 __all__ = [
     "PREDICTION_TYPES",
@@ -80,6 +107,10 @@ __all__ = [
     "ddim",
     "ddpm",
     "dpm_solver",
+    "dpm_solver_sde",
+    "euler",
+    "euler_ancestral",
+    "heun",
     "from_x0_eps",
     "guidance_combine",
     "make_schedule",
@@ -92,4 +123,5 @@ __all__ = [
     "to_v",
     "to_x0",
     "to_x0_eps",
+    "unipc",
 ]

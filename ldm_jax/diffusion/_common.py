@@ -43,7 +43,9 @@ def check_x(x_T) -> jax.Array:
 
 
 def step_noise_source(rng, noise, num_steps: int, x: jax.Array, name: str):
-    """Per-step N(0, I) noise: precomputed ``noise`` [N, *x.shape] or drawn from fold_in(rng, i)."""
+    """Per-step N(0, I) noise: precomputed ``noise`` [N, *x.shape] or drawn from fold_in(rng, i)
+    (``rng`` one key, or one key per batch element, which reproduces a sample alone or in any
+    batch)."""
     if noise is not None:
         noise = jnp.asarray(noise, jnp.float32)
         if noise.shape != (num_steps,) + x.shape:
@@ -51,9 +53,27 @@ def step_noise_source(rng, noise, num_steps: int, x: jax.Array, name: str):
         return noise, lambda i, n: n
     if rng is None:
         raise ValueError(f"{name} draws noise every step: pass rng (a jax PRNG key) or noise")
+    if is_key_batch(rng):  # one key per batch element: each sample's noise is its own
+        if rng.shape[0] != x.shape[0]:
+            raise ValueError(f"rng holds {rng.shape[0]} keys for a batch of {x.shape[0]}")
+
+        def draw(i, _):
+            def one(key):
+                return jax.random.normal(jax.random.fold_in(key, i), x.shape[1:], jnp.float32)
+
+            return jax.vmap(one)(rng)
+
+        return jnp.zeros((num_steps,), jnp.float32), draw
     return jnp.zeros((num_steps,), jnp.float32), lambda i, _: jax.random.normal(
         jax.random.fold_in(rng, i), x.shape, jnp.float32
     )
+
+
+def is_key_batch(rng) -> bool:
+    """Whether ``rng`` is a batch of PRNG keys (typed keys [B], or raw uint32 keys [B, 2])."""
+    if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        return rng.ndim == 1
+    return rng.ndim == 2
 
 
 def scan_steps(step: Callable, carry, xs, num_steps: int, callback: Callable | None):

@@ -36,10 +36,18 @@ def alpha_sigma_lambda(sigma_vp):
     return alpha, sigma, jnp.log(alpha) - jnp.log(sigma)
 
 
-def step_sigmas(schedule, timesteps, prev_timesteps=None, use_karras_sigmas=False):
+def step_sigmas(schedule, timesteps, prev_timesteps=None, use_karras_sigmas=False, first_step=0):
     """(t_N, sigma_N, next_N): the model's int32 timestep, and the VE sigma of each step and of its
-    target (0 = clean data); the solver's view of diffusers' ``timesteps`` / ``sigmas``."""
+    target (0 = clean data); the solver's view of diffusers' ``timesteps`` / ``sigmas``, from
+    ``first_step`` on (image-to-image; Karras sigmas are made for all N steps first)."""
     t_N, prev_N = _common.as_timesteps(timesteps, prev_timesteps)
+    sigmas.check_first_step(first_step, t_N.shape[0])
+    t_N, sigma_N, next_N = _all_step_sigmas(schedule, t_N, prev_N, prev_timesteps,
+                                            use_karras_sigmas)
+    return t_N[first_step:], sigma_N[first_step:], next_N[first_step:]
+
+
+def _all_step_sigmas(schedule, t_N, prev_N, prev_timesteps, use_karras_sigmas):
     if use_karras_sigmas:
         if prev_timesteps is not None:
             raise ValueError("prev_timesteps cannot be combined with use_karras_sigmas")
@@ -66,13 +74,17 @@ def sample(
     rng=None,
     prev_timesteps=None,
     use_karras_sigmas: bool = False,
+    first_step: int = 0,
     callback=None,
 ):
-    """Run DPM-Solver++(2M) from x_T over ``timesteps`` (decreasing); returns x_0 (rng unused)."""
+    """Run DPM-Solver++(2M) from x_T over ``timesteps`` (decreasing) from ``first_step`` on;
+    returns x_0 (rng unused)."""
     del rng  # deterministic
     kind = canonical_prediction_type(prediction_type)
     x = _common.check_x(x_T)
-    t_N, sigma_N, next_N = step_sigmas(schedule, timesteps, prev_timesteps, use_karras_sigmas)
+    t_N, sigma_N, next_N = step_sigmas(
+        schedule, timesteps, prev_timesteps, use_karras_sigmas, first_step
+    )
     N = t_N.shape[0]
     before_N = jnp.concatenate([sigma_N[:1], sigma_N[:-1]])  # the sigma of x0_prev
 

@@ -34,6 +34,7 @@ def sample(
     noise=None,
     prev_timesteps=None,
     use_karras_sigmas: bool = False,
+    first_step: int = 0,
     callback=None,
 ):
     """Run SDE-DPM-Solver++(2M) from x_T over ``timesteps`` (decreasing); returns x_0.
@@ -42,7 +43,9 @@ def sample(
     """
     kind = canonical_prediction_type(prediction_type)
     x = _common.check_x(x_T)
-    t_N, sigma_N, next_N = step_sigmas(schedule, timesteps, prev_timesteps, use_karras_sigmas)
+    t_N, sigma_N, next_N = step_sigmas(
+        schedule, timesteps, prev_timesteps, use_karras_sigmas, first_step
+    )
     N = t_N.shape[0]
     before_N = jnp.concatenate([sigma_N[:1], sigma_N[:-1]])  # the sigma of x0_prev
     noise_N, draw = _common.step_noise_source(rng, noise, N, x, "dpm_solver_sde")

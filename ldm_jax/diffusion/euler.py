@@ -28,6 +28,7 @@ def sample(
     rng=None,
     use_karras_sigmas: bool = False,
     init_noise: str = "sigma_max",
+    first_step: int = 0,
     callback=None,
 ):
     """Run Euler from x_T (unit noise) over float ``timesteps`` (decreasing); returns x_0.
@@ -37,7 +38,9 @@ def sample(
     """
     del rng
     kind = canonical_prediction_type(prediction_type)
-    t_N, sigma_N1 = sigmas.sampling_sigmas(schedule, timesteps, use_karras_sigmas=use_karras_sigmas)
+    t_N, sigma_N1 = sigmas.sampling_sigmas(
+        schedule, timesteps, use_karras_sigmas=use_karras_sigmas, first_step=first_step
+    )
     x = sigmas.initial_sample(_common.check_x(x_T), sigma_N1, init_noise)
 
     def step(carry, inputs):

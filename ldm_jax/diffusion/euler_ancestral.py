@@ -28,7 +28,9 @@ def sample(
     prediction_type: str = "epsilon",
     rng=None,
     noise=None,
+    use_karras_sigmas: bool = False,
     init_noise: str = "sigma_max",
+    first_step: int = 0,
     callback=None,
 ):
     """Run Euler ancestral from x_T (unit noise) over float ``timesteps``; returns x_0.
@@ -37,7 +39,9 @@ def sample(
     in ``euler.sample``.
     """
     kind = canonical_prediction_type(prediction_type)
-    t_N, sigma_N1 = sigmas.sampling_sigmas(schedule, timesteps)
+    t_N, sigma_N1 = sigmas.sampling_sigmas(
+        schedule, timesteps, use_karras_sigmas=use_karras_sigmas, first_step=first_step
+    )
     x = sigmas.initial_sample(_common.check_x(x_T), sigma_N1, init_noise)
     N = t_N.shape[0]
     noise_N, draw = _common.step_noise_source(rng, noise, N, x, "euler_ancestral")

@@ -31,6 +31,7 @@ def sample(
     rng=None,
     use_karras_sigmas: bool = False,
     init_noise: str = "sigma_max",
+    first_step: int = 0,
     callback=None,
 ):
     """Run Heun from x_T (unit noise) over float ``timesteps`` (decreasing); returns x_0.
@@ -39,7 +40,9 @@ def sample(
     """
     del rng
     kind = canonical_prediction_type(prediction_type)
-    t_N, sigma_N1 = sigmas.sampling_sigmas(schedule, timesteps, use_karras_sigmas=use_karras_sigmas)
+    t_N, sigma_N1 = sigmas.sampling_sigmas(
+        schedule, timesteps, use_karras_sigmas=use_karras_sigmas, first_step=first_step
+    )
     x = sigmas.initial_sample(_common.check_x(x_T), sigma_N1, init_noise)
     N = t_N.shape[0]
     t_next_N = jax.numpy.concatenate([t_N[1:], t_N[-1:]])  # the last entry is never evaluated

@@ -78,12 +78,14 @@ def sigma_to_t(sigma_N: jax.Array, log_sigmas_T: jax.Array) -> jax.Array:
 
 
 def sampling_sigmas(
-    schedule: NoiseSchedule, timesteps, *, use_karras_sigmas: bool = False
+    schedule: NoiseSchedule, timesteps, *, use_karras_sigmas: bool = False, first_step: int = 0
 ) -> tuple[jax.Array, jax.Array]:
     """(t_N, sigmas_{N+1}): the float timesteps the denoiser sees and the sigmas, 0 appended.
 
     ``timesteps`` are diffusers' (float, decreasing, e.g. ``linspace(0, T - 1, N)``: pass the
     fractional values for parity); with ``use_karras_sigmas`` they only fix sigma_max / sigma_min.
+    ``first_step`` drops the steps before it (image-to-image: diffusers' ``set_begin_index``),
+    after the sigmas of all N steps are made, as Karras sigmas depend on N.
     """
     t_N = jnp.asarray(timesteps, jnp.float32)
     if t_N.ndim != 1 or t_N.shape[0] < 1:
@@ -92,7 +94,14 @@ def sampling_sigmas(
     if use_karras_sigmas:
         sigma_N = karras_sigmas(sigma_N[0], sigma_N[-1], t_N.shape[0])
         t_N = sigma_to_t(sigma_N, jnp.log(schedule_sigmas(schedule))).astype(jnp.float32)
-    return t_N, jnp.concatenate([sigma_N, jnp.zeros((1,), jnp.float32)])
+    check_first_step(first_step, t_N.shape[0])
+    return t_N[first_step:], jnp.concatenate([sigma_N, jnp.zeros((1,), jnp.float32)])[first_step:]
+
+
+def check_first_step(first_step: int, num_steps: int) -> None:
+    """A static first step that leaves at least one of the N steps to run."""
+    if not isinstance(first_step, int) or not 0 <= first_step < num_steps:
+        raise ValueError(f"first_step must be an int in [0, {num_steps - 1}], got {first_step!r}")
 
 
 def initial_sample(x_T: jax.Array, sigmas: jax.Array, init_noise: str) -> jax.Array:

@@ -55,13 +55,16 @@ def sample(
     rng=None,
     prev_timesteps=None,
     use_karras_sigmas: bool = False,
+    first_step: int = 0,
     callback=None,
 ):
     """Run UniPC-2 (bh2, predict_x0) from x_T over ``timesteps`` (decreasing); returns x_0."""
     del rng  # deterministic
     kind = canonical_prediction_type(prediction_type)
     x = _common.check_x(x_T)
-    t_N, sigma_N, next_N = step_sigmas(schedule, timesteps, prev_timesteps, use_karras_sigmas)
+    t_N, sigma_N, next_N = step_sigmas(
+        schedule, timesteps, prev_timesteps, use_karras_sigmas, first_step
+    )
     N = t_N.shape[0]
     before_N = jnp.concatenate([sigma_N[:1], sigma_N[:-1]])  # sigma_{i-1}
     before2_N = jnp.concatenate([sigma_N[:2], sigma_N[:-2]])[:N]  # sigma_{i-2}

@@ -5,7 +5,10 @@ embeddings, pre-LayerNorm blocks with causal self-attention and an fc1/act/fc2 M
 LayerNorm, and the pooled output at the end-of-text token. SD 1.x uses OpenAI's ViT-L/14 text tower
 (quick-GELU); SD 2.x uses OpenCLIP ViT-H/14 (GELU) and, like CompVis'
 `FrozenOpenCLIPEmbedder(layer="penultimate")`, reads the final LayerNorm of the penultimate block's
-output, which `skip_last_layers=1` reproduces.
+output, which `skip_last_layers=1` reproduces. SDXL reads the penultimate block's output of both
+its encoders WITHOUT the final LayerNorm (`final_norm_on_output=False`; SGM FrozenCLIPEmbedder
+layer="hidden" and FrozenOpenCLIPEmbedder2 legacy=False, diffusers `hidden_states[-2]`), and its
+OpenCLIP ViT-bigG/14 adds transformers' `CLIPTextModelWithProjection` head (`projection_dim`).
 """
 
 import dataclasses
@@ -41,6 +44,11 @@ class CLIPTextConfig:
     # Default output = final_layer_norm(hidden_states[-1 - skip_last_layers]) (HF numbering, where
     # hidden_states[0] is the embedding output); the skipped blocks are not computed.
     skip_last_layers: int = 0
+    # False: the output is hidden_states[-1 - skip_last_layers] as is (SDXL's encoders)
+    final_norm_on_output: bool = True
+    # CLIPTextModelWithProjection: text_embeds = text_projection (no bias) of the LAST layer's
+    # final-LayerNorm output at the end-of-text token, whatever skip_last_layers selects
+    projection_dim: int | None = None
     # CLIP's text tower is causal. A text encoder trained from scratch with the UNet (the built-in
     # default) may see the whole caption from every token instead, like the paper's BERT-like
     # encoder: then "red" already knows whether it is "above" or "below" something.
@@ -54,14 +62,20 @@ class CLIPTextConfig:
         if self.width % self.num_heads:
             raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
         _check_skip(self.skip_last_layers, self.num_layers)
+        dim = self.projection_dim
+        if dim is not None and (type(dim) is not int or dim < 1):
+            raise ValueError(f"projection_dim must be None or an int >= 1; got {dim!r}")
 
 
 @flax.struct.dataclass
 class CLIPTextOutput:
-    last_hidden_state: jax.Array  # [B, T, width], after the final LayerNorm
-    # [B, width]: last_hidden_state at the end-of-text token, so with skip_last_layers > 0 it is
-    # pooled from the selected layer (as a truncated diffusers SD2 encoder pools), not the last.
+    # [B, T, width]: the selected layer, after the final LayerNorm unless final_norm_on_output=False
+    last_hidden_state: jax.Array
+    # [B, width]: final_norm(selected layer) at the end-of-text token, so with skip_last_layers
+    # > 0 it is pooled from the selected layer (as a truncated diffusers SD2 encoder pools).
     pooled: jax.Array
+    # [B, projection_dim] when the config has a projection (HF text_embeds), else None
+    text_embeds: jax.Array | None = None
 
 
 def _check_skip(skip: int, num_layers: int) -> None:
@@ -148,7 +162,10 @@ class CLIPTextTransformer(nn.Module):
     attention_implementation: str | None = None
 
     @nn.compact
-    def __call__(self, input_ids_BT, *, attention_mask_BT=None, skip_last_layers=None):
+    def __call__(
+        self, input_ids_BT, *, attention_mask_BT=None, skip_last_layers=None,
+        extra_skip_layers=None,
+    ):  # fmt: skip
         cfg = self.config
         check_token_ids(
             input_ids_BT, vocab_size=cfg.vocab_size, max_length=cfg.max_length, model="CLIP text"
@@ -164,20 +181,39 @@ class CLIPTextTransformer(nn.Module):
         x_BTC = token_emb(input_ids_BT) + position_emb(jnp.arange(tokens))[None]
         x_BTC = x_BTC.astype(self.dtype)
 
-        # Run blocks up to `stop`; initialisation must still create every block's parameters.
+        # Run blocks up to `stop` (all of them for the projection, which reads the last one);
+        # initialisation must still create every block's parameters.
         stop = cfg.num_layers - skip
-        active = cfg.num_layers if self.is_initializing() else stop
+        every = self.is_initializing() or cfg.projection_dim is not None
         selected_BTC = x_BTC  # hidden_states[0] when every block is skipped
-        for i in range(active):
+        hidden_LBTC = [x_BTC]
+        for i in range(cfg.num_layers if every else stop):
             layer = CLIPEncoderLayer(
                 cfg, self.dtype, self.attention_implementation, name=f"layers_{i}"
             )
             x_BTC = layer(x_BTC, mask_BNTS)
+            if i + 1 <= stop:
+                hidden_LBTC.append(x_BTC)
             if i + 1 == stop:
                 selected_BTC = x_BTC
+        if extra_skip_layers is not None:  # a traced count (diffusers' clip_skip): no recompile
+            index = stop - jnp.clip(jnp.asarray(extra_skip_layers, jnp.int32), 0, stop)
+            selected_BTC = jnp.stack(hidden_LBTC)[index]
 
-        hidden_BTC = LayerNorm(cfg.layer_norm_eps, self.dtype, name="final_norm")(selected_BTC)
-        return CLIPTextOutput(hidden_BTC, pool_at_eos(hidden_BTC, input_ids_BT, cfg.eos_token_id))
+        final_norm = LayerNorm(cfg.layer_norm_eps, self.dtype, name="final_norm")
+        normed_BTC = final_norm(selected_BTC)
+        pooled_BC = pool_at_eos(normed_BTC, input_ids_BT, cfg.eos_token_id)
+        text_embeds = None
+        if cfg.projection_dim is not None:
+            reads_last = stop == cfg.num_layers and extra_skip_layers is None
+            last_BTC = normed_BTC if reads_last else final_norm(x_BTC)
+            last_BC = pool_at_eos(last_BTC, input_ids_BT, cfg.eos_token_id)
+            projection = dense(
+                cfg.projection_dim, name="text_projection", dtype=self.dtype, use_bias=False
+            )
+            text_embeds = projection(last_BC)
+        hidden_BTC = normed_BTC if cfg.final_norm_on_output else selected_BTC
+        return CLIPTextOutput(hidden_BTC, pooled_BC, text_embeds)
 
 
 def pool_at_eos(hidden_BTC, input_ids_BT, eos_token_id: int):

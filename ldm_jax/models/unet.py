@@ -50,6 +50,11 @@ class UNetConfig:
     conv_resample: bool = True
     num_classes: int | str | None = None  # int: class embedding; "sequential": adm MLP
     adm_in_channels: int | None = None  # width of y for num_classes="sequential"
+    # SDXL: y is the "text_time" vector (models/text_time.py: pooled text embedding, then
+    # Fourier features of this width for each size/crop/score id). The network is the same
+    # adm MLP; it is diffusers' `add_embedding` (addition_embed_type="text_time") instead of
+    # its `class_embedding` (class_embed_type="projection"), so key tables only.
+    addition_time_embed_dim: int | None = None
     disable_self_attentions: tuple[bool, ...] | None = None  # one per level
     dropout: float = 0.0
     upcast_attention: bool = False
@@ -77,6 +82,7 @@ class UNetConfig:
                 f"disable_self_attentions needs one entry per level ({len(self.channel_mult)}); "
                 f"got {self.disable_self_attentions}"
             )
+        self._check_transformer_depths()
         if self.num_heads == -1 and self.num_head_channels == -1:
             raise ValueError("set either num_heads or num_head_channels (both are -1)")
         if self.use_spatial_transformer != (self.context_dim is not None):
@@ -92,7 +98,33 @@ class UNetConfig:
                 )
             if self.adm_in_channels is None:
                 raise ValueError("num_classes='sequential' needs adm_in_channels")
+        dim = self.addition_time_embed_dim
+        if dim is not None and (type(dim) is not int or dim < 1):
+            raise ValueError(f"addition_time_embed_dim must be None or an int >= 1; got {dim!r}")
+        if dim is not None and self.num_classes != "sequential":
+            raise ValueError(
+                "addition_time_embed_dim (SDXL's text_time vector y) needs "
+                f"num_classes='sequential'; got num_classes={self.num_classes!r}"
+            )
         self._check_norm_groups()
+
+    def _check_transformer_depths(self) -> None:
+        """Depth 0 would silently build a plain AttentionBlock; a level without attention is
+        left out of attention_resolutions instead (SGM's SDXL yaml keeps an unused 1 there)."""
+        if not self.use_spatial_transformer:
+            return
+        depths = self.per_level("transformer_depth")
+        levels = len(self.channel_mult)
+        used = [lv for lv in range(levels) if 2**lv in self.attention_resolutions] + [levels - 1]
+        if not all(type(d) is int for d in depths):
+            return  # wrong types: validate_spec names them
+        bad = sorted({lv for lv in used if depths[lv] < 1})
+        if bad:
+            raise ValueError(
+                f"transformer_depth {self.transformer_depth} is < 1 at level(s) {bad}, which have "
+                "attention (attention_resolutions, or the middle block at the last level); leave "
+                "a level out of attention_resolutions to give it no attention"
+            )
 
     def _check_norm_groups(self) -> None:
         groups = self.norm_num_groups
@@ -226,6 +258,9 @@ def unet_layout(config: UNetConfig) -> UNetLayout:
 
 class UNet(nn.Module):
     """openaimodel.UNetModel: eps/v prediction from (x_t, t, context, y), all NHWC.
+
+    y: class ids [B] (num_classes an int) or the adm vector [B, adm_in_channels] ("sequential";
+    for SDXL the text_time vector of models/text_time.py).
 
     `remat` names the policy (models/remat.py) under which every ResBlock and attention layer is
     rematerialised ("none": not at all; "blocks": openaimodel's use_checkpoint); outputs are

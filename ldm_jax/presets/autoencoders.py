@@ -37,3 +37,7 @@ AUTOENCODER_PRESETS: dict[str, AutoencoderConfig] = {
 }
 
 SD_VAE = AUTOENCODER_PRESETS["kl-f8"]
+# SDXL's VAE is the same architecture (retrained weights); its latents are scaled differently
+# (Stability-AI/generative-models sd_xl_base.yaml scale_factor, diffusers vae scaling_factor).
+SDXL_VAE = SD_VAE
+SDXL_SCALE_FACTOR = 0.13025

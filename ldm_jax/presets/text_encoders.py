@@ -2,7 +2,10 @@
 
 Sources: HF configs of openai/clip-vit-large-patch14 (SD 1.x `cond_stage_model`), OpenCLIP
 ViT-H-14 (SD 2.x, Stability-AI configs/stable-diffusion/v2-inference*.yaml: FrozenOpenCLIPEmbedder
-layer "penultimate"), CompVis configs/latent-diffusion/txt2img-1p4B-eval.yaml (BERTEmbedder n_embed
+layer "penultimate"), SDXL's two encoders (stabilityai/stable-diffusion-xl-base-1.0 text_encoder,
+text_encoder_2 config.json; Stability-AI/generative-models sd_xl_base.yaml: FrozenCLIPEmbedder
+layer "hidden" layer_idx -2, FrozenOpenCLIPEmbedder2 ViT-bigG-14 layer "penultimate" legacy False,
+always_return_pooled), CompVis configs/latent-diffusion/txt2img-1p4B-eval.yaml (BERTEmbedder n_embed
 1280, n_layer 32) and models/ldm/cin256*/config.yaml (ClassEmbedder embed_dim 512).
 """
 
@@ -43,6 +46,33 @@ CLIP_TEXT_PRESETS: dict[str, CLIPTextConfig] = {
         num_heads=16,
         mlp_dim=4096,
         activation="gelu",
+    ),
+    # SDXL text encoder 1: CLIP ViT-L/14, penultimate block's output WITHOUT the final LayerNorm.
+    "clip-vit-l-14-sdxl": CLIPTextConfig(
+        vocab_size=49408,
+        max_length=77,
+        width=768,
+        num_layers=12,
+        num_heads=12,
+        mlp_dim=3072,
+        activation="quick_gelu",
+        skip_last_layers=1,
+        final_norm_on_output=False,
+    ),
+    # SDXL text encoder 2 (and the refiner's only one): OpenCLIP ViT-bigG/14 as transformers'
+    # CLIPTextModelWithProjection, penultimate output without the final LayerNorm; text_embeds
+    # (last layer, final LayerNorm, text_projection) is the pooled input of the text_time vector.
+    "openclip-vit-bigg-14": CLIPTextConfig(
+        vocab_size=49408,
+        max_length=77,
+        width=1280,
+        num_layers=32,
+        num_heads=20,
+        mlp_dim=5120,
+        activation="gelu",
+        skip_last_layers=1,
+        final_norm_on_output=False,
+        projection_dim=1280,
     ),
 }
 

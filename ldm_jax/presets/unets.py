@@ -38,6 +38,37 @@ _SD_V2 = dataclasses.replace(
     context_dim=1024,
 )
 
+# SDXL (Stability-AI/generative-models configs/inference/sd_xl_base.yaml, sd_xl_refiner.yaml;
+# diffusers stabilityai/stable-diffusion-xl-{base,refiner}-1.0 unet/config.json): 64-channel
+# heads, linear proj_in/out, no attention at the first level (SGM's unused depth 1 kept there),
+# the two text encoders' penultimate states side by side as context, and y = SDXL's text_time
+# vector (models/text_time.py) through the adm MLP. 128x128 latents (1024 px).
+_SDXL_BASE = UNetConfig(
+    in_channels=4,
+    out_channels=4,
+    model_channels=320,
+    attention_resolutions=(4, 2),
+    num_res_blocks=2,
+    channel_mult=(1, 2, 4),
+    num_head_channels=64,
+    use_spatial_transformer=True,
+    use_linear_in_transformer=True,
+    transformer_depth=(1, 2, 10),
+    context_dim=2048,  # CLIP ViT-L/14 (768) + OpenCLIP ViT-bigG/14 (1280)
+    num_classes="sequential",
+    adm_in_channels=2816,  # bigG pooled 1280 + 6 time ids x 256
+    addition_time_embed_dim=256,
+    legacy=False,
+)
+_SDXL_REFINER = dataclasses.replace(
+    _SDXL_BASE,
+    model_channels=384,
+    channel_mult=(1, 2, 4, 4),
+    transformer_depth=4,
+    context_dim=1280,  # OpenCLIP ViT-bigG/14 only
+    adm_in_channels=2560,  # bigG pooled 1280 + 5 time ids (with the aesthetic score) x 256
+)
+
 # celebahq, ffhq and lsun-bedrooms share one UNet on VQ-f4 latents (64x64x3).
 _LDM_VQ_F4 = UNetConfig(
     in_channels=3,
@@ -54,6 +85,8 @@ UNET_PRESETS: dict[str, UNetConfig] = {
     "sd-v1-inpainting": dataclasses.replace(_SD_V1, in_channels=9),
     "sd-v2-base": _SD_V2,  # 512px, eps prediction
     "sd-v2-768-v": _SD_V2,  # 768px, v prediction: the same network
+    "sdxl-base": _SDXL_BASE,  # 2,567,463,684 parameters
+    "sdxl-refiner": _SDXL_REFINER,  # 2,259,526,660 parameters
     "ldm-celebahq-256": _LDM_VQ_F4,
     "ldm-ffhq-256": _LDM_VQ_F4,
     "ldm-lsun-bedrooms-256": _LDM_VQ_F4,

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ldm_jax.sampling.tasks import INPAINTING, Task
+from ldm_jax.spec import CLIP_TEXT_CONDITIONINGS
 
 # PIL's "L" conversion (ITU-R 601-2 luma), used for RGB mask arrays as PIL does for RGB images
 _LUMA = np.array([299, 587, 114], np.float32) / 1000
@@ -154,25 +155,30 @@ def latent_size(spec, height: int | None, width: int | None) -> tuple[int, int]:
 
 # --- the pipeline call's inputs (host arrays), checked against the checkpoint's task
 def condition_inputs(
-    task: Task, spec, tokenizer, prompt, negative_prompt, class_labels, batch_size, scale
+    task: Task, spec, tokenizer, prompt, negative_prompt, class_labels, batch_size, scale,
+    prompt_embeds=None, negative_prompt_embeds=None,
 ):  # fmt: skip
-    """({"ids", "neg_ids"} or {"labels"} host arrays, guided) for the model's conditioning."""
+    """(host arrays, guided) for the model's conditioning: {"ids" or "context", "neg_ids" or
+    "neg_context"} (text) or {"labels"} (class)."""
     kind = task.conditioning
-    given = {"prompt": prompt, "class_labels": class_labels}
     wanted = {"text": "prompt", "class": "class_labels"}.get(kind)
+    given = {"prompt": prompt, "prompt_embeds": prompt_embeds,
+             "negative_prompt_embeds": negative_prompt_embeds, "class_labels": class_labels}
+    applies = {"prompt": "text", "prompt_embeds": "text", "negative_prompt_embeds": "text",
+               "class_labels": "class"}  # fmt: skip
     for name, value in given.items():
-        if value is not None and name != wanted:
+        if value is not None and applies[name] != kind:
             raise ValueError(
                 f"{name} does not apply: this checkpoint ({task.name}) takes "
                 f"{wanted or 'no conditioning (use batch_size)'}"
             )
     if wanted is not None and batch_size is not None:
         raise ValueError(f"batch_size does not apply: one image per {wanted} entry")
-    if wanted is not None and given[wanted] is None:
-        raise ValueError(f"this checkpoint ({task.name}) needs {wanted}")
     if negative_prompt is not None and kind != "text":
         raise ValueError("negative_prompt needs a text-conditioned checkpoint")
     if kind == "class":
+        if class_labels is None:
+            raise ValueError(f"this checkpoint ({task.name}) needs class_labels")
         config = spec.cond_stage.config
         labels = class_label_batch(class_labels, config.n_classes, config.null_class)
         guided = float(scale) > 1.0
@@ -184,20 +190,84 @@ def condition_inputs(
         return {"labels": labels}, guided
     if kind != "text":
         return {}, False
-    prompts = _text_list(prompt, "prompt")
+    guided = float(scale) > 1.0
+    inputs = {}
+    if prompt_embeds is not None:
+        if prompt is not None:
+            raise ValueError("pass prompt or prompt_embeds, not both")
+        inputs["context"] = embeds_batch(spec, prompt_embeds, "prompt_embeds")
+        prompts = None
+        batch = inputs["context"].shape[0]
+    elif prompt is None:
+        raise ValueError(f"this checkpoint ({task.name}) needs prompt (or prompt_embeds)")
+    else:
+        prompts = _text_list(prompt, "prompt")
+        batch = len(prompts)
+        inputs["ids"] = np.asarray(tokenizer(prompts), np.int32)
+    if negative_prompt_embeds is not None:
+        if negative_prompt is not None:
+            raise ValueError("pass negative_prompt or negative_prompt_embeds, not both")
+        negative = embeds_batch(spec, negative_prompt_embeds, "negative_prompt_embeds")
+        expected = inputs["context"].shape if "context" in inputs else negative.shape
+        if negative.shape[0] != batch or negative.shape != expected:
+            raise ValueError(
+                f"negative_prompt_embeds has shape {negative.shape}; it must match the prompts "
+                f"({batch} of them{', shape ' + str(expected) if 'context' in inputs else ''})"
+            )
+        if guided:
+            inputs["neg_context"] = negative
+        return inputs, guided
     if negative_prompt is None:
-        negatives = [""] * len(prompts)
+        negatives = [""] * batch
     elif isinstance(negative_prompt, str):
-        negatives = [negative_prompt] * len(prompts)
+        negatives = [negative_prompt] * batch
     else:
         negatives = _text_list(negative_prompt, "negative_prompt")
-        if len(negatives) != len(prompts):
+        if len(negatives) != batch:
             raise ValueError(
-                f"negative_prompt has {len(negatives)} entries but prompt has {len(prompts)}"
+                f"negative_prompt has {len(negatives)} entries but prompt has {batch}"
             )
-    ids = np.asarray(tokenizer(prompts), np.int32)
-    neg_ids = np.asarray(tokenizer(negatives), np.int32)
-    return {"ids": ids, "neg_ids": neg_ids}, float(scale) > 1.0
+    if guided:
+        inputs["neg_ids"] = np.asarray(tokenizer(negatives), np.int32)
+    return inputs, guided
+
+
+def embeds_batch(spec, embeds, name: str) -> np.ndarray:
+    """float32 [B, S, D] text-encoder outputs, D the UNet's context width, all finite."""
+    array = np.asarray(embeds)
+    width = spec.unet.context_dim
+    if array.ndim != 3 or array.shape[0] < 1 or array.shape[2] != width:
+        raise ValueError(
+            f"{name} must be shaped [batch, tokens, {width}] (the text encoder's output), got "
+            f"{array.shape}"
+        )
+    if not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all():
+        raise ValueError(f"{name} must hold finite floats, got {array.dtype}")
+    return array.astype(np.float32)
+
+
+def check_images_per_prompt(value) -> int:
+    """num_images_per_prompt: an int >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"num_images_per_prompt must be an int >= 1, got {value!r}")
+    return int(value)
+
+
+def check_clip_skip(spec, clip_skip) -> int:
+    """clip_skip (diffusers' semantics: 1 = the layer before the usual output): 0 when None;
+    CLIP/OpenCLIP text encoders only, fewer than the layers they run."""
+    if clip_skip is None:
+        return 0
+    cond = spec.cond_stage
+    if cond is None or cond.kind not in CLIP_TEXT_CONDITIONINGS:
+        kind = None if cond is None else cond.kind
+        raise ValueError(f"clip_skip needs a CLIP or OpenCLIP text encoder (this one: {kind})")
+    layers = cond.config.num_layers - cond.config.skip_last_layers
+    if isinstance(clip_skip, bool) or not isinstance(clip_skip, int | np.integer) or not (
+        0 <= clip_skip < layers
+    ):
+        raise ValueError(f"clip_skip must be an int in [0, {layers - 1}], got {clip_skip!r}")
+    return int(clip_skip)
 
 
 def image_inputs(task: Task, spec, batch, height, width, image, strength, mask, low_res):

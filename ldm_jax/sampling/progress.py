@@ -5,7 +5,7 @@ from ldm_jax.sampling.pipeline import sampler_iterations
 from ldm_jax.sampling.progress import StepProgress
 
 with StepProgress(sampler_iterations("ddim", 50)) as progress:
-    images = pipe("a photo of a cat", num_inference_steps=50, callback=progress)
+    images = pipe("a photo of a cat", num_inference_steps=50, callback_on_step_end=progress)
 ```
 """
 
@@ -15,7 +15,8 @@ import sys
 
 
 class StepProgress:
-    """``callback(i, x)`` that moves a tqdm bar to step i + 1 (robust to repeated or late calls)."""
+    """A ``callback_on_step_end(step, timestep, latents)`` (or a sampler's ``callback(i, x)``)
+    that moves a tqdm bar to step + 1 (robust to repeated or late calls)."""
 
     def __init__(self, total: int, *, desc: str = "sampling", file=None, disable: bool = False):
         from tqdm.auto import tqdm  # noqa: PLC0415 - notebook widget when available
@@ -30,7 +31,7 @@ class StepProgress:
             disable=disable,
         )
 
-    def __call__(self, i, x=None) -> None:
+    def __call__(self, i, timestep=None, latents=None) -> None:
         i = int(i)
         if not self.steps:  # start the clock at the first step, not before compilation
             self.bar.reset(total=self.total)

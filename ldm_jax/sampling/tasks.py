@@ -24,7 +24,6 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from ldm_jax.diffusion import q_sample
 from ldm_jax.latent_diffusion import encode_condition, unet_conditioning
 from ldm_jax.models.conditioning import unconditional_class_ids
 from ldm_jax.spec import TEXT_CONDITIONINGS
@@ -122,29 +121,33 @@ def concat_input(spec, modules, params, task: Task, inputs):
     return None
 
 
-def conditioning(spec, modules, params, task: Task, inputs, guided: bool):
+def conditioning(spec, modules, params, task: Task, inputs, guided: bool, clip_skip=None):
     """(cond, uncond) UNetConditioning for ``classifier_free_guidance`` (uncond None unguided).
 
     Guided, the null condition (negative prompt or null class) and the condition are encoded in
-    one batch [null; cond] and split.
+    one batch [null; cond] and split. Text contexts given as embeddings ("context",
+    "neg_context") replace the encoding of their token ids ("ids", "neg_ids").
     """
     context = uncontext = None
-    if task.conditioning is not None:
-        if task.conditioning == "text":
-            key, null_key = "ids", "neg_ids"
-        else:
-            key, null_key = "labels", None
-        batch = inputs[key].shape[0]
-        ids = inputs[key]
-        if guided:
-            null = (
-                inputs[null_key]
-                if null_key
-                else unconditional_class_ids(spec.cond_stage.config, batch)
+    if task.conditioning == "text":
+        wanted = {"context": "ids", "neg_context": "neg_ids"} if guided else {"context": "ids"}
+        contexts = {key: inputs[key] for key in wanted if key in inputs}
+        missing = [key for key in wanted if key not in inputs]
+        if missing:
+            ids = jnp.concatenate([inputs[wanted[key]] for key in missing])
+            encoded = encode_condition(
+                spec.cond_stage, modules["cond_stage"], params["cond_stage"], ids, clip_skip
             )
-            ids = jnp.concatenate([null, ids])
+            contexts |= dict(zip(missing, jnp.split(encoded, len(missing)), strict=True))
+        context, uncontext = contexts["context"], contexts.get("neg_context")
+    elif task.conditioning == "class":
+        labels = inputs["labels"]
+        batch = labels.shape[0]
+        if guided:
+            null = unconditional_class_ids(spec.cond_stage.config, batch)
+            labels = jnp.concatenate([null, labels])
         encoded = encode_condition(
-            spec.cond_stage, modules["cond_stage"], params["cond_stage"], ids
+            spec.cond_stage, modules["cond_stage"], params["cond_stage"], labels
         )
         context, uncontext = (encoded[batch:], encoded[:batch]) if guided else (encoded, None)
     extra = concat_input(spec, modules, params, task, inputs)
@@ -154,13 +157,13 @@ def conditioning(spec, modules, params, task: Task, inputs, guided: bool):
     return cond, uncond
 
 
-def initial_latents(spec, modules, params, inputs, schedule, t_first, from_image: bool):
-    """x at the first visited timestep: the noise, or the encoded image noised to it (img2img)."""
-    if not from_image:
+def initial_latents(spec, modules, params, inputs, start_abar=None):
+    """x at the first visited step: the noise, or (image-to-image, ``start_abar`` given: that
+    step's alpha-bar) the encoded image noised to it."""
+    if start_abar is None:
         return inputs["noise"]
     z0 = encode_image(spec, modules, params, inputs["image"]) * spec.diffusion.scale_factor
-    t_B = jnp.full((z0.shape[0],), t_first, jnp.int32)
-    return q_sample(schedule, z0, t_B, inputs["noise"])
+    return jnp.sqrt(start_abar) * z0 + jnp.sqrt(1.0 - start_abar) * inputs["noise"]
 
 
 def decode(spec, modules, params, task: Task, inputs, x0):

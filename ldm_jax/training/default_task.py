@@ -155,7 +155,7 @@ class DefaultRun:
         images = np.asarray(pipe(prompts, num_inference_steps=int(sample.steps),
                                  guidance_scale=float(sample.guidance),
                                  sampler=sampler_name(sample.sampler),
-                                 seed=int(self.config.seed)))
+                                 seed=int(self.config.seed), output_type="uint8").images)
         grid = make_grid(images)
         write_png(grid, stage_grid)
         write_png(grid, path)  # last: its presence marks the run complete

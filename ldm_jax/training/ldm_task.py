@@ -186,9 +186,9 @@ class LDMTask:
             num_inference_steps=int(sample_cfg.get("steps", 25)),
             sampler=sampler_name(sample_cfg.get("sampler", "ddim")),
             guidance_scale=float(sample_cfg.get("guidance", 1.0)),
-            rng=rng, **kwargs,
-        )
-        return make_grid(np.asarray(images))
+            rng=rng, output_type="uint8", **kwargs,
+        ).images
+        return make_grid(images)
 
 
 def make_task(config) -> LDMTask:

@@ -112,8 +112,10 @@ def diffusers_unet_table(config: UNetConfig) -> KeyTable:
     if isinstance(config.num_classes, int):
         entries.append(key_map("class_embedding.weight", "label_emb/embedding"))
     elif config.num_classes == "sequential":
-        entries += _layer("class_embedding.linear_1", "label_emb_in", Transform.LINEAR)
-        entries += _layer("class_embedding.linear_2", "label_emb_out", Transform.LINEAR)
+        # SDXL's text_time MLP is diffusers' add_embedding (add_time_proj has no parameters)
+        adm = "class_embedding" if config.addition_time_embed_dim is None else "add_embedding"
+        entries += _layer(f"{adm}.linear_1", "label_emb_in", Transform.LINEAR)
+        entries += _layer(f"{adm}.linear_2", "label_emb_out", Transform.LINEAR)
 
     for block in layout.input_blocks:
         t, f = f"down_blocks.{block.level}", f"input_blocks_{block.index}"
@@ -207,7 +209,11 @@ def _condition_kwargs(config: UNetConfig, layout: UNetLayout, has_attention: lis
         ),
         upcast_attention=config.upcast_attention,
     )
-    if config.num_classes == "sequential":
+    if config.num_classes == "sequential" and config.addition_time_embed_dim is not None:
+        kwargs["addition_embed_type"] = "text_time"
+        kwargs["addition_time_embed_dim"] = config.addition_time_embed_dim
+        kwargs["projection_class_embeddings_input_dim"] = config.adm_in_channels
+    elif config.num_classes == "sequential":
         kwargs["class_embed_type"] = "projection"
         kwargs["projection_class_embeddings_input_dim"] = config.adm_in_channels
     return kwargs

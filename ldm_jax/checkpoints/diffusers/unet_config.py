@@ -30,8 +30,6 @@ _FIXED: dict[str, Any] = {
     "encoder_hid_dim": None,
     "encoder_hid_dim_type": None,
     "dual_cross_attention": False,
-    "addition_embed_type": None,
-    "addition_time_embed_dim": None,
     "resnet_skip_time_act": False,
     "resnet_out_scale_factor": 1.0,
     "time_embedding_act_fn": None,
@@ -73,6 +71,8 @@ _READ = {
     "attn_norm_num_groups",
     "sample_size",
     "addition_embed_type_num_heads",  # only used with addition_embed_type
+    "addition_embed_type",
+    "addition_time_embed_dim",
 }
 
 
@@ -186,13 +186,7 @@ def _cross_kwargs(config: Mapping[str, Any], channels: tuple[int, ...]) -> dict[
         _fail("only_cross_attention=True also makes the middle block cross-attention-only")
     if mid_only:
         _fail("mid_block_only_cross_attention=True (openaimodel's middle block self-attends)")
-    class_type = config.get("class_embed_type")
-    extra: dict[str, Any] = {}
-    if class_type == "projection":
-        dim = config.get("projection_class_embeddings_input_dim")
-        extra = dict(num_classes="sequential", adm_in_channels=dim)
-    elif class_type is not None:
-        _fail(f"class_embed_type={class_type!r} (allowed None, 'projection')")
+    extra = _adm_kwargs(config)
     depth = _per_level(
         config.get("transformer_layers_per_block", 1), levels, "transformer_layers_per_block"
     )
@@ -209,6 +203,34 @@ def _cross_kwargs(config: Mapping[str, Any], channels: tuple[int, ...]) -> dict[
         **head_kwargs,
         **extra,
     )
+
+
+def _adm_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The adm MLP (label_emb): class_embedding "projection", or SDXL's text_time add_embedding."""
+    class_type = config.get("class_embed_type")
+    addition = config.get("addition_embed_type")
+    dim = config.get("projection_class_embeddings_input_dim")
+    time_dim = config.get("addition_time_embed_dim")
+    if addition not in (None, "text_time"):
+        _fail(f"addition_embed_type={addition!r} (allowed None, 'text_time')")
+    if class_type not in (None, "projection"):
+        _fail(f"class_embed_type={class_type!r} (allowed None, 'projection')")
+    if (addition or class_type) and config.get("num_class_embeds") is not None:
+        _fail("num_class_embeds together with a class or addition embedding (one label_emb)")
+    if addition == "text_time":
+        if class_type is not None:
+            _fail("addition_embed_type='text_time' together with a class_embed_type")
+        if dim is None or time_dim is None:
+            _fail(
+                "addition_embed_type='text_time' needs projection_class_embeddings_input_dim "
+                f"and addition_time_embed_dim; got {dim!r}, {time_dim!r}"
+            )
+        return dict(num_classes="sequential", adm_in_channels=dim, addition_time_embed_dim=time_dim)
+    if time_dim is not None:
+        _fail(f"addition_time_embed_dim={time_dim!r} without addition_embed_type='text_time'")
+    if class_type == "projection":
+        return dict(num_classes="sequential", adm_in_channels=dim)
+    return {}
 
 
 def _plain_kwargs(config: Mapping[str, Any], channels: tuple[int, ...], shift: str, groups: int):
@@ -233,8 +255,9 @@ def _plain_kwargs(config: Mapping[str, Any], channels: tuple[int, ...], shift: s
             f"resnet_time_scale_shift={shift!r} (allowed: null under 'default', or equal to "
             "norm_num_groups)"
         )
-    if config.get("class_embed_type") is not None:
-        _fail(f"class_embed_type={config['class_embed_type']!r} (UNet2DModel: only None)")
+    for name in ("class_embed_type", "addition_embed_type", "addition_time_embed_dim"):
+        if config.get(name) is not None:
+            _fail(f"{name}={config[name]!r} (UNet2DModel: only None)")
     head_dim = config.get("attention_head_dim", 8)
     heads = dict(num_heads=1) if head_dim is None else dict(num_head_channels=head_dim)
     return dict(

@@ -1,0 +1,144 @@
+"""Each sampler of the table run as its diffusers scheduler runs it: timesteps, options, start.
+
+diffusers builds a different timestep list per scheduler from the same config
+(``timestep_spacing``, ``steps_offset``, ``set_alpha_to_one``):
+
+- DDIM / PNDM (``ddim``, ``plms``): ``make_timesteps``; previous timestep ``t - T // N``.
+- DDPM: ``make_timesteps``; previous = the next entry.
+- DPMSolverMultistep / UniPCMultistep (``dpm_solver``, ``dpm++_*``, ``unipc``): N of N + 1 points
+  ("linspace": ``round(linspace(0, T - 1, N + 1))[::-1][:-1]``; "leading": ``arange(N + 1) *
+  (T // (N + 1))`` reversed, last dropped, + offset; "trailing" as DDIM), then clean data.
+- Euler / Euler ancestral / Heun: float timesteps (``sigmas.sigma_timesteps``); the initial noise
+  is scaled by sigma_max ("linspace", "trailing") or sqrt(sigma_max^2 + 1) ("leading").
+
+CompVis spacings ("uniform", "quad") have no diffusers counterpart: every sampler takes
+``make_timesteps``' list (as the pipeline always did); the sigma samplers start at
+sqrt(sigma_max^2 + 1) there, exact for a VP sample.
+
+Image-to-image starts at ``first_step`` (diffusers' ``set_begin_index``): the integer-timestep
+samplers get the lists sliced, the others the whole list and ``first_step``, since Karras sigmas
+depend on N. ``start_abar`` is the noise level (alpha-bar) of that first step, which the encoded
+image is noised to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+from ldm_jax.diffusion import _common, sigmas
+from ldm_jax.diffusion.dpm_solver import step_sigmas
+from ldm_jax.diffusion.timesteps import (
+    make_timesteps,
+    previous_timesteps,
+    strided_previous_timesteps,
+)
+from ldm_jax.sampler_options import SAMPLER_INFO, canonical_sampler
+
+INTEGER_MODULES = ("ddim", "ddpm", "plms")  # int timesteps, stepping to prev_timesteps
+SIGMA_MODULES = ("euler", "euler_ancestral", "heun")  # diffusers' *DiscreteScheduler family
+MULTISTEP_MODULES = ("dpm_solver", "dpm_solver_sde", "unipc")
+DIFFUSERS_SPACINGS = ("linspace", "leading", "trailing")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerPlan:
+    """What one sampler call gets: host timestep arrays and static keyword options."""
+
+    name: str
+    timesteps: np.ndarray  # [N'] int32 (float32 for the sigma samplers)
+    prev_timesteps: np.ndarray | None  # [N'] int32, or None for the sampler's default
+    options: tuple[tuple[str, object], ...]  # hashable: a static argument of a jitted function
+
+    @property
+    def module(self) -> str:
+        return SAMPLER_INFO[self.name].module
+
+
+def multistep_timesteps(num_steps: int, num_train_timesteps: int, spacing: str,
+                        steps_offset: int = 0) -> np.ndarray:  # fmt: skip
+    """diffusers DPMSolverMultistep/UniPCMultistep ``set_timesteps`` (decreasing int32)."""
+    T, N = int(num_train_timesteps), int(num_steps)
+    if not 1 <= N <= T:
+        raise ValueError(f"num_steps must be between 1 and num_train_timesteps={T}, got {N}")
+    if spacing == "linspace":
+        steps = np.linspace(0, T - 1, N + 1).round()[::-1][:-1]
+    elif spacing == "leading":
+        steps = (np.arange(0, N + 1) * (T // (N + 1))).round()[::-1][:-1] + steps_offset
+    else:
+        return make_timesteps(N, T, spacing, steps_offset)
+    return np.ascontiguousarray(steps).astype(np.int32)
+
+
+def sampler_plan(name: str, diffusion, num_train_timesteps: int, num_steps: int,
+                 first_step: int = 0, *, from_image: bool = False) -> SamplerPlan:  # fmt: skip
+    """The plan of sampler ``name`` (or an alias) for ``num_steps`` steps under a
+    ``DiffusionSpec``'s timestep settings, starting at ``first_step``; ``from_image``: x_T is a
+    VP sample (image-to-image)."""
+    name = canonical_sampler(name)
+    info = SAMPLER_INFO[name]
+    T, N = int(num_train_timesteps), int(num_steps)
+    spacing, offset = diffusion.timestep_spacing, diffusion.steps_offset
+    options: dict = {"use_karras_sigmas": True} if info.karras else {}
+    if not 0 <= first_step < N:
+        raise ValueError(f"first_step must be in [0, {N - 1}], got {first_step}")
+    if info.module in INTEGER_MODULES:
+        t_N = make_timesteps(N, T, spacing, offset)
+        final = -1 if diffusion.set_alpha_to_one else 0
+        if info.module == "ddpm":
+            prev_N = previous_timesteps(t_N)
+        else:
+            prev_N = strided_previous_timesteps(t_N, T, final=final)
+        return SamplerPlan(name, t_N[first_step:], prev_N[first_step:], tuple(options.items()))
+    options["first_step"] = first_step
+    if info.module in SIGMA_MODULES:
+        if spacing in DIFFUSERS_SPACINGS:
+            t_N = sigmas.sigma_timesteps(N, T, spacing, offset)
+        else:
+            t_N = make_timesteps(N, T, spacing, offset).astype(np.float32)
+        leading = spacing not in ("linspace", "trailing")
+        options["init_noise"] = "vp" if leading or from_image else "sigma_max"
+        return SamplerPlan(name, t_N, None, tuple(sorted(options.items())))
+    if spacing in DIFFUSERS_SPACINGS:
+        t_N = multistep_timesteps(N, T, spacing, offset)
+    else:
+        t_N = make_timesteps(N, T, spacing, offset)
+    return SamplerPlan(name, t_N, None, tuple(sorted(options.items())))
+
+
+def _plan_sigmas(plan: SamplerPlan, schedule, timesteps, prev_timesteps):
+    """(model timesteps [N'], VE sigma of each visited step [N']) as the sampler computes them."""
+    options = dict(plan.options)
+    karras, first = options.get("use_karras_sigmas", False), options.get("first_step", 0)
+    if plan.module in SIGMA_MODULES:
+        t_N, sigma_N1 = sigmas.sampling_sigmas(
+            schedule, timesteps, use_karras_sigmas=karras, first_step=first
+        )
+        return t_N, sigma_N1[:-1]
+    if plan.module in MULTISTEP_MODULES:
+        t_N, sigma_N, _ = step_sigmas(schedule, timesteps, prev_timesteps, karras, first)
+        return t_N, sigma_N
+    t_N = jnp.asarray(timesteps, jnp.int32)
+    a = _common.abar(schedule, t_N)
+    return t_N, jnp.sqrt((1.0 - a) / a)
+
+
+def start_abar(plan: SamplerPlan, schedule, timesteps, prev_timesteps=None):
+    """alpha-bar of the first visited step (traceable): image-to-image noises the image latents
+    to sqrt(abar) z0 + sqrt(1 - abar) noise there, as the scheduler's ``add_noise`` does."""
+    if plan.module in INTEGER_MODULES:
+        return _common.abar(schedule, jnp.asarray(timesteps, jnp.int32)[0])
+    _, sigma_N = _plan_sigmas(plan, schedule, timesteps, prev_timesteps)
+    return 1.0 / (sigma_N[0] ** 2 + 1.0)
+
+
+def visited_timesteps(plan: SamplerPlan, schedule) -> np.ndarray:
+    """The timestep the network sees at each callback iteration (fractional for Euler with Karras
+    sigmas; PLMS's extra iteration 1 evaluates at t_1, as PNDMScheduler's list repeats it)."""
+    t_N, _ = _plan_sigmas(plan, schedule, plan.timesteps, plan.prev_timesteps)
+    t_N = np.asarray(t_N)
+    if plan.module == "plms" and t_N.shape[0] >= 2:
+        return np.concatenate([t_N[:2], t_N[1:]])
+    return t_N
