@@ -29,11 +29,19 @@ COND_STAGE_KINDS = (
     "ldm_bert",  # BERTEmbedder: the jointly trained transformer of LDM text-to-image
     "class",  # ClassEmbedder (cin256)
     "spatial_rescaler",  # SpatialRescaler (semantic synthesis, super-resolution inputs)
+    "sdxl",  # SGM GeneralConditioner of SDXL: CLIP text towers + micro-conditioning time ids
 )
-TEXT_CONDITIONINGS = ("clip", "openclip", "ldm_bert")  # the cond stages that take prompts
-CLIP_TEXT_CONDITIONINGS = ("clip", "openclip")  # CLIP-architecture text towers (CLIPTextConfig)
-# LatentDiffusion.conditioning_key: how the conditioning reaches the UNet.
-CONDITIONING_KEYS = (None, "crossattn", "concat", "hybrid", "adm")
+TEXT_CONDITIONINGS = ("clip", "openclip", "ldm_bert", "sdxl")  # the cond stages that take prompts
+# ONE CLIP-architecture text tower (config: CLIPTextConfig); "sdxl" holds a tuple of them
+CLIP_TEXT_CONDITIONINGS = ("clip", "openclip")
+# LatentDiffusion.conditioning_key: how the conditioning reaches the UNet. "crossattn_adm": SGM's
+# "crossattn" + "vector" outputs (SDXL): a cross-attention context and an adm vector y together.
+CONDITIONING_KEYS = (None, "crossattn", "concat", "hybrid", "adm", "crossattn_adm")
+# SDXL micro-conditioning ids, in the order SGM's embedders / diffusers' _get_add_time_ids use;
+# each size/crop name stands for two ids (height, width) / (top, left)
+SDXL_TIME_IDS = ("original_size", "crop_coords_top_left", "target_size", "aesthetic_score")
+SDXL_BASE_TIME_IDS = ("original_size", "crop_coords_top_left", "target_size")
+SDXL_REFINER_TIME_IDS = ("original_size", "crop_coords_top_left", "aesthetic_score")
 # What a "concat"/"hybrid" model concatenates to its latents along channels, in this order:
 CONCAT_INPUTS = (
     None,  # nothing (text-to-image, unconditional, class-conditional)
@@ -46,9 +54,69 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
 
 
 @dataclasses.dataclass(frozen=True)
+class SDXLConditionerConfig:
+    """SDXL's conditioner: the context is the text encoders' outputs side by side (feature axis),
+    y = [last encoder's projected pooled embedding, Fourier features (time_embed_dim each) of the
+    time ids]. Base: (CLIP ViT-L, OpenCLIP bigG) + SDXL_BASE_TIME_IDS; refiner: (bigG,) +
+    SDXL_REFINER_TIME_IDS."""
+
+    text_encoders: tuple[CLIPTextConfig, ...]
+    time_ids: tuple[str, ...] = SDXL_BASE_TIME_IDS
+    time_embed_dim: int = 256
+    # diffusers StableDiffusionXLPipeline: an empty negative prompt gives zero embeddings (context
+    # and pooled) instead of the encoded "" (model_index.json force_zeros_for_empty_prompt)
+    force_zeros_for_empty_prompt: bool = True
+
+    def __post_init__(self):
+        encoders = self.text_encoders
+        if not isinstance(encoders, tuple) or not 1 <= len(encoders) <= 2:
+            raise ValueError(f"text_encoders must be 1 or 2 CLIPTextConfigs; got {encoders!r:.80}")
+        if not all(isinstance(e, CLIPTextConfig) for e in encoders):
+            raise ValueError("text_encoders must be CLIPTextConfig objects")
+        if encoders[-1].projection_dim is None:
+            raise ValueError(
+                "the last text encoder gives the pooled embedding of y: it needs projection_dim "
+                "(CLIPTextModelWithProjection)"
+            )
+        if len({e.max_length for e in encoders}) != 1:
+            raise ValueError(
+                "the text encoders' contexts are concatenated per token: their max_length must "
+                f"match; got {[e.max_length for e in encoders]}"
+            )
+        ids = self.time_ids
+        if not isinstance(ids, tuple) or not ids or any(i not in SDXL_TIME_IDS for i in ids):
+            raise ValueError(f"time_ids {ids!r}; allowed: a non-empty list of {SDXL_TIME_IDS}")
+        if len(set(ids)) != len(ids) or list(ids) != sorted(ids, key=SDXL_TIME_IDS.index):
+            raise ValueError(f"time_ids {ids!r} must be distinct and in the order {SDXL_TIME_IDS}")
+        if type(self.time_embed_dim) is not int or self.time_embed_dim < 2:
+            raise ValueError(f"time_embed_dim must be an int >= 2; got {self.time_embed_dim!r}")
+
+    @property
+    def context_dim(self) -> int:
+        """Width of the cross-attention context (the UNet's context_dim)."""
+        return sum(e.width for e in self.text_encoders)
+
+    @property
+    def num_time_ids(self) -> int:
+        """How many scalars the time ids are (sizes and crops count two)."""
+        return sum(1 if name == "aesthetic_score" else 2 for name in self.time_ids)
+
+    @property
+    def adm_dim(self) -> int:
+        """Width of y (the UNet's adm_in_channels)."""
+        return self.text_encoders[-1].projection_dim + self.num_time_ids * self.time_embed_dim
+
+
+@dataclasses.dataclass(frozen=True)
 class CondStageSpec:
     kind: str
-    config: CLIPTextConfig | LDMBertConfig | ClassEmbedderConfig | SpatialRescalerConfig
+    config: (
+        CLIPTextConfig
+        | LDMBertConfig
+        | ClassEmbedderConfig
+        | SpatialRescalerConfig
+        | SDXLConditionerConfig
+    )
     # CompVis cond_stage_trainable: trained jointly with the UNet (LDM BERT, class embedder) rather
     # than frozen (CLIP in Stable Diffusion). The weights are in the checkpoint either way.
     trainable: bool = False
@@ -56,6 +124,11 @@ class CondStageSpec:
     def __post_init__(self):
         if self.kind not in COND_STAGE_KINDS:
             raise ValueError(f"unknown cond stage {self.kind!r}; allowed: {COND_STAGE_KINDS}")
+        if (self.kind == "sdxl") != isinstance(self.config, SDXLConditionerConfig):
+            raise ValueError(
+                f"cond stage {self.kind!r} with a {type(self.config).__name__}: the 'sdxl' kind "
+                "and SDXLConditionerConfig go together"
+            )
 
     @property
     def takes_text(self) -> bool:
@@ -124,6 +197,26 @@ class ModelSpec:
     cond_stage: CondStageSpec | None = None
     diffusion: DiffusionSpec = dataclasses.field(default_factory=DiffusionSpec)
 
+    def __post_init__(self):
+        sdxl_cond = self.cond_stage is not None and self.cond_stage.kind == "sdxl"
+        sdxl_key = self.diffusion.conditioning_key == "crossattn_adm"
+        if sdxl_cond != sdxl_key:
+            raise ValueError(
+                "an 'sdxl' cond stage and conditioning_key 'crossattn_adm' go together; got cond "
+                f"stage {self.cond_stage and self.cond_stage.kind!r} with conditioning_key "
+                f"{self.diffusion.conditioning_key!r}"
+            )
+        if sdxl_cond and self.unet is not None:
+            cond, u = self.cond_stage.config, self.unet
+            want = (cond.context_dim, "sequential", cond.adm_dim, cond.time_embed_dim)
+            got = (u.context_dim, u.num_classes, u.adm_in_channels, u.addition_time_embed_dim)
+            if got != want:
+                raise ValueError(
+                    "the SDXL conditioner gives (context width, y kind, y width, time embedding "
+                    f"width) {want}; the UNet has (context_dim, num_classes, adm_in_channels, "
+                    f"addition_time_embed_dim) {got}"
+                )
+
     @property
     def first_stage_kind(self) -> str:
         return "vq" if isinstance(self.first_stage, VQConfig) else "kl"
@@ -140,6 +233,7 @@ _SPEC_TYPES = {
         LDMBertConfig,
         ClassEmbedderConfig,
         SpatialRescalerConfig,
+        SDXLConditionerConfig,
         CondStageSpec,
         DiffusionSpec,
         ModelSpec,
@@ -192,6 +286,10 @@ def validate_spec(spec: Any, where: str = "spec") -> None:
         _check_value(f"{where}.{f.name}", value, hints[f.name])
         if dataclasses.is_dataclass(value):
             validate_spec(value, f"{where}.{f.name}")
+        elif isinstance(value, tuple):  # e.g. SDXLConditionerConfig.text_encoders
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    validate_spec(item, f"{where}.{f.name}[{i}]")
 
 
 # Ints in a spec are sizes, counts and ids: -1 ("unset") up to this (vocabularies, codebooks).

@@ -4,6 +4,7 @@ line, exit 2)."""
 
 import configparser
 import importlib.metadata
+import os
 import pathlib
 import subprocess
 import sys
@@ -85,6 +86,35 @@ def test_pipeline_cache_is_keyed_by_checkpoint_dtype_cache_and_attention(monkeyp
             common.load_pipeline("broken")
     finally:
         common._cached_pipeline.cache_clear()  # no fake pipeline for later tests
+
+
+def test_pipeline_cache_sees_other_folders_and_retrained_models(monkeypatch, tmp_path):
+    """The same relative name in another working folder, or a model rewritten in place, is
+    another checkpoint: never the cached pipeline of the old one."""
+    loads = []
+
+    def from_pretrained(path, **kwargs):
+        loads.append(path)
+        return object()
+
+    monkeypatch.setattr(
+        ldm_jax.sampling.pipeline.LatentDiffusionPipeline, "from_pretrained", from_pretrained
+    )
+    for run in ("a", "b"):
+        (tmp_path / run / "runs" / "model").mkdir(parents=True)
+    common._cached_pipeline.cache_clear()
+    try:
+        monkeypatch.chdir(tmp_path / "a")
+        first = common.load_pipeline("runs/model")
+        assert common.load_pipeline("runs/model") is first
+        monkeypatch.chdir(tmp_path / "b")
+        assert common.load_pipeline("runs/model") is not first
+        (tmp_path / "b" / "runs" / "model" / "new_file").write_text("retrained")
+        os.utime(tmp_path / "b" / "runs" / "model", ns=(1, 1))  # surely another mtime
+        common.load_pipeline("runs/model")
+        assert loads == [str(tmp_path / run / "runs" / "model") for run in ("a", "b", "b")]
+    finally:
+        common._cached_pipeline.cache_clear()
 
 
 DOCUMENTED = {  # README's commands -> a bad argument for each

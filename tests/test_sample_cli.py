@@ -1,5 +1,7 @@
 """sample.py's CLI run in-process on a tiny random SD pipeline: files, grid, progress, bad input."""
 
+import json
+
 import pytest
 from PIL import Image
 from support.tiny_pipelines import sd_pipeline
@@ -52,6 +54,11 @@ def test_writes_images_grid_and_reports_every_step(tiny, tmp_path, capsys, progr
     assert grid.size == (32, 32)  # 4 images: 2 x 2
     assert grid.crop((16, 16, 32, 32)).tobytes() == images[3].tobytes()
     assert '"sampler": "ddim"' in grid.info["parameters"]
+    # no --seed: a fresh one, printed; each PNG records its own (image i: seed + i)
+    seeds = [json.loads(image.info["parameters"])["seed"] for image in images]
+    assert seeds == [(seeds[0] + i) % 2**32 for i in range(4)]
+    assert json.loads(grid.info["parameters"])["seeds"] == seeds
+    assert f"seeds: {seeds[0]} ... {seeds[3]}" in captured.out
     (bar,) = progress_bars
     assert bar.total == 2 and bar.steps == [0, 1] and bar.bar.n == 2
 

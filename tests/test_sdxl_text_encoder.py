@@ -10,7 +10,7 @@ import torch
 import transformers
 from references.torch_reference import randomize_, state_dict_numpy
 
-from ldm_jax.checkpoints.key_table import KeyTable, Transform, layer_maps
+from ldm_jax.checkpoints.key_table import KeyTable
 from ldm_jax.checkpoints.transformers_clip import (
     TEXT_MODEL_PREFIX,
     clip_text_abstract_params,
@@ -53,13 +53,11 @@ def hf_config(cfg: CLIPTextConfig) -> transformers.CLIPTextConfig:
 
 
 def projection_table(cfg: CLIPTextConfig) -> KeyTable:
-    """CLIPTextModelWithProjection: the CLIPTextModel table under `text_model.` + the projection.
-    (The IO work adds this entry to checkpoints/transformers_clip.py.)"""
-    entries = clip_text_key_table(cfg, TEXT_MODEL_PREFIX).entries
-    projection = layer_maps("text_projection", "text_projection", Transform.LINEAR, bias=False)
-    return KeyTable(
-        [*entries, *projection], ignorable=[f"{TEXT_MODEL_PREFIX}embeddings.position_ids"]
-    )
+    """CLIPTextModelWithProjection: the CLIPTextModel table under `text_model.` + the projection
+    (`text_projection.weight`, which checkpoints/transformers_clip.py adds for projection_dim)."""
+    table = clip_text_key_table(cfg, TEXT_MODEL_PREFIX)
+    assert "text_projection.weight" in {e.torch_key for e in table.entries}
+    return table
 
 
 def token_ids(batch=2, pad=0, seed=0) -> np.ndarray:

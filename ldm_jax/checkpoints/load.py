@@ -223,7 +223,9 @@ def _check_spec(path: Path, spec: ModelSpec, state_dict) -> None:
         validate_spec(spec)
     except ValueError as error:
         raise ArchitectureError(f"{path}: unsupported {error}") from None
-    for network in (spec.unet, spec.first_stage, spec.cond_stage and spec.cond_stage.config):
+    cond = spec.cond_stage and spec.cond_stage.config
+    conds = cond.text_encoders if spec.cond_stage and spec.cond_stage.kind == "sdxl" else (cond,)
+    for network in (spec.unet, spec.first_stage, *conds):
         if network is not None:
             check_against_tensors(network, state_dict, path)
 
@@ -268,7 +270,7 @@ def download_from_hub(repo_id: str) -> Path:
     (safetensors weights; `.bin` only for components without them)."""
     from huggingface_hub import snapshot_download
 
-    patterns = [MODEL_INDEX, "scheduler/*.json", "tokenizer/*"]
+    patterns = [MODEL_INDEX, "scheduler/*.json", "tokenizer/*", "tokenizer_2/*"]
     patterns += _hub_patterns(_HUB_FOLDERS, ("config.json", "*.safetensors.index.json"))
     patterns += _hub_patterns(
         _HUB_FOLDERS,

@@ -68,7 +68,12 @@ def _check_exportable_to_torch_tools(checkpoint: CheckpointContents, format: str
     """diffusers and CompVis run every CLIP text tower causally: a bidirectional one (trained
     from scratch, see CLIPTextConfig.causal) would load there silently and compute another thing."""
     cond = checkpoint.spec.cond_stage
-    if cond is not None and cond.kind in CLIP_TEXT_CONDITIONINGS and not cond.config.causal:
+    if cond is not None and cond.kind == "sdxl":
+        bidirectional = not all(e.causal for e in cond.config.text_encoders)
+    else:
+        bidirectional = cond is not None and cond.kind in CLIP_TEXT_CONDITIONINGS
+        bidirectional = bidirectional and not cond.config.causal
+    if bidirectional:
         raise ValueError(
             f"cannot export to {format}: the text encoder is a bidirectional (causal=False) CLIP "
             "transformer, which diffusers/CompVis would run with a causal mask; allowed: "

@@ -3,7 +3,7 @@
 import warnings
 
 from ldm_jax.spec import ModelSpec
-from ldm_jax.tokenizers import BertTokenizer, CLIPTokenizer
+from ldm_jax.tokenizers import BertTokenizer, CLIPTokenizer, SDXLTokenizers
 
 CLIP_VOCAB_SIZE = 49408  # the packaged OpenAI CLIP BPE vocabulary
 
@@ -13,6 +13,14 @@ def tokenizer_for_spec(spec: ModelSpec, source=None):
     caller's `tokenizer=`, or a diffusers folder's `tokenizer/`), else the packaged CLIP BPE."""
     cond = spec.cond_stage
     if cond is None or not cond.takes_text:
+        return None
+    if cond.kind == "sdxl":  # a folder holding tokenizer/ and tokenizer_2/ (diffusers layout)
+        encoders = cond.config.text_encoders
+        length = encoders[0].max_length
+        if source is not None:
+            return SDXLTokenizers.from_folder(source, len(encoders), max_length=length)
+        if all(e.vocab_size == CLIP_VOCAB_SIZE for e in encoders):
+            return SDXLTokenizers.from_packaged_vocab(len(encoders), max_length=length)
         return None
     length = cond.config.max_length
     if cond.kind == "ldm_bert":

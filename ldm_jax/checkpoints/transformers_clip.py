@@ -1,4 +1,6 @@
-"""Exact key table: transformers `CLIPTextModel` state dict <-> `CLIPTextTransformer` params.
+"""Exact key table: transformers `CLIPTextModel` state dict <-> `CLIPTextTransformer` params
+(and `CLIPTextModelWithProjection`'s: the same plus `text_projection.weight` beside
+`text_model.`, when the config has a projection_dim).
 
 Two layouts exist for the same tensors. Hub folders, older transformers and CompVis single files
 (after stripping `cond_stage_model.transformer.`) prefix every key with `text_model.`;
@@ -43,6 +45,11 @@ def clip_text_key_table(config: CLIPTextConfig, prefix: str = "") -> KeyTable:
         for fc in ("fc1", "fc2"):
             entries += layer_maps(f"{t}mlp.{fc}", f"{f}{fc}", Transform.LINEAR)
     entries += norm_maps(f"{p}final_layer_norm", "final_norm")
+    if config.projection_dim is not None:  # CLIPTextModelWithProjection: beside `text_model`
+        outer = p.removesuffix(TEXT_MODEL_PREFIX)
+        entries += layer_maps(
+            f"{outer}text_projection", "text_projection", Transform.LINEAR, bias=False
+        )
     # position_ids is a non-persistent buffer that older transformers versions still saved.
     return KeyTable(entries, ignorable=[f"{p}embeddings.position_ids"])
 

@@ -139,15 +139,22 @@ def load_pipeline(
     """The LatentDiffusionPipeline of a checkpoint, kept for the next command in this process
     (notebooks, tests: no reload, no recompile); UsageError naming the checkpoint if unreadable."""
     try:
-        path = str(Path(checkpoint).expanduser())
-        return _cached_pipeline(path, dtype, compilation_cache, attention)
+        path = Path(checkpoint).expanduser()
+        # a local checkpoint is known by its absolute path and modification time: the same
+        # relative name in another folder, or a model retrained in place, is loaded afresh
+        version = None
+        if path.exists():
+            path, version = path.resolve(), path.stat().st_mtime_ns
+        return _cached_pipeline(str(path), version, dtype, compilation_cache, attention)
     except LOAD_ERRORS as error:
         raise UsageError(f"cannot load checkpoint {checkpoint!r}: {error}") from error
 
 
 @functools.lru_cache(maxsize=1)
-def _cached_pipeline(checkpoint: str, dtype: str, compilation_cache: str | None, attention: str):
-    """Keyed by (checkpoint, dtype, compilation cache, attention), always passed positionally."""
+def _cached_pipeline(checkpoint: str, version, dtype: str, compilation_cache: str | None,
+                     attention: str):  # fmt: skip
+    """Keyed by (checkpoint, its version, dtype, compilation cache, attention), passed
+    positionally."""
     import jax.numpy as jnp  # noqa: PLC0415 - keep --help and argument errors fast
 
     from ldm_jax.sampling.pipeline import LatentDiffusionPipeline  # noqa: PLC0415

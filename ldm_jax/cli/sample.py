@@ -54,7 +54,7 @@ from ldm_jax.sampler_options import (
     check_strength,
 )
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "float16")  # float16: GPUs without bfloat16 (T4, V100)
 GRID_NAME = "grid.png"
 CHECKPOINT_HELP = (
     "a diffusers folder, a CompVis .safetensors/.ckpt file, an ldm_jax orbax folder, or a hub id "

@@ -13,7 +13,31 @@ from ldm_jax.models.ldm_bert import LDMBert
 from ldm_jax.models.params import abstract_params
 from ldm_jax.models.unet import UNet
 from ldm_jax.models.vq import VQModel
-from ldm_jax.spec import CLIP_TEXT_CONDITIONINGS, ModelSpec
+from ldm_jax.spec import CLIP_TEXT_CONDITIONINGS, ModelSpec, SDXLConditionerConfig
+
+
+class TextEncoders(nn.Module):
+    """SDXL's text towers side by side: a tuple of ids [B, T] (one per encoder, each from its own
+    tokenizer) -> a tuple of CLIPTextOutput. Params {"encoder_0": ..., "encoder_1": ...}."""
+
+    config: SDXLConditionerConfig
+    dtype: Any = jnp.float32
+    attention_implementation: str | None = None
+
+    @nn.compact
+    def __call__(self, input_ids_EBT, *, extra_skip_layers=None):
+        encoders = self.config.text_encoders
+        if not isinstance(input_ids_EBT, tuple | list) or len(input_ids_EBT) != len(encoders):
+            raise ValueError(
+                f"the SDXL conditioner takes {len(encoders)} token id arrays (one per text "
+                f"encoder and tokenizer), as a tuple; got {type(input_ids_EBT).__name__}"
+            )
+        return tuple(
+            CLIPTextTransformer(
+                cfg, self.dtype, self.attention_implementation, name=f"encoder_{i}"
+            )(ids_BT, extra_skip_layers=extra_skip_layers)
+            for i, (cfg, ids_BT) in enumerate(zip(encoders, input_ids_EBT, strict=True))
+        )
 
 
 def network_modules(
@@ -50,6 +74,10 @@ def network_modules(
         if cond.kind in CLIP_TEXT_CONDITIONINGS:
             text = CLIPTextTransformer(c, dtype=dtype, attention_implementation=attention)
             modules["cond_stage"] = (text, (_ids(c.max_length),))
+        elif cond.kind == "sdxl":
+            text = TextEncoders(c, dtype=dtype, attention_implementation=attention)
+            ids = tuple(_ids(e.max_length) for e in c.text_encoders)
+            modules["cond_stage"] = (text, (ids,))
         elif cond.kind == "ldm_bert":
             text = LDMBert(c, dtype=dtype, attention_implementation=attention)
             modules["cond_stage"] = (text, (_ids(c.max_length),))

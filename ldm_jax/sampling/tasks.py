@@ -64,6 +64,10 @@ def model_task(spec) -> Task:
         raise ValueError("the checkpoint has no UNet (first stage only): nothing to sample")
     d, cond = spec.diffusion, spec.cond_stage
     kind = None if cond is None else cond.kind
+    if kind == "sdxl" or d.conditioning_key == "crossattn_adm":
+        raise NotImplementedError(
+            "SDXL checkpoints load and export; sampling them is not implemented yet"
+        )
     concat = d.concat_input
     if concat is None and d.conditioning_key == "hybrid" and kind in TEXT_CONDITIONINGS:
         if spec.unet.in_channels == 2 * spec.first_stage.embed_dim + 1:  # specs saved before

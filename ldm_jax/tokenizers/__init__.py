@@ -2,6 +2,7 @@
 
 - `CLIPTokenizer`: Stable Diffusion 1.x (CLIP, pads with EOS) and 2.x (OpenCLIP, pads with 0), from
   the packaged OpenAI CLIP BPE vocabulary (`data/`, MIT licence) or a diffusers `tokenizer/` folder.
+- `SDXLTokenizers`: SDXL's pair (EOS padding, then "!" = 0 padding), one ids array per encoder.
 - `BertTokenizer`: the LDM text-to-image model (bert-base-uncased WordPiece), from a local folder or
   a hub id named by the user.
 Both return int32 numpy ids [B, 77]; bad or missing vocabulary files raise `TokenizerFileError`.
@@ -15,6 +16,7 @@ from ldm_jax.tokenizers.clip import (
     CLIPTokenizer,
 )
 from ldm_jax.tokenizers.files import TokenizerFileError
+from ldm_jax.tokenizers.sdxl import SDXLTokenizers
 
 __all__ = [
     "CLIP_PAD_TOKEN_ID",
@@ -22,5 +24,6 @@ __all__ = [
     "PACKAGED_BPE",
     "BertTokenizer",
     "CLIPTokenizer",
+    "SDXLTokenizers",
     "TokenizerFileError",
 ]

@@ -180,8 +180,9 @@ def next_steps(workdir: Path, guidance: float) -> str:
         model, flag = Path(DEFAULT_WORKDIR) / MODEL_DIR, ""
     else:
         flag = f" --checkpoint {model}"
-    return (f"next: python sample.py{flag} --prompt \"{SAMPLE_PROMPT}\" --guidance {guidance:g}\n"
-            f"      python -m ldm_jax.eval.adherence --checkpoint {model} --guidance {guidance:g}"
+    return (f"next: python sample.py{flag} --prompt \"{SAMPLE_PROMPT}\" --guidance {guidance:g}"
+            "  (the grid's guidance; sample.py's default, 7.5, is Stable Diffusion's)\n"
+            f"      python -m ldm_jax.eval.adherence{flag} --guidance {guidance:g}"
             "  (prompt adherence on the test split)")
 
 

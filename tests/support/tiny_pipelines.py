@@ -125,3 +125,135 @@ def reference_ddim(unet_fn, x_T_NHWC, scheduler, steps: int) -> np.ndarray:
         out = torch.from_numpy(np.ascontiguousarray(np.asarray(out).transpose(0, 3, 1, 2)))
         x = scheduler.step(out, t, x).prev_sample
     return x.numpy().transpose(0, 2, 3, 1)
+
+
+# --- SDXL: two text encoders (CLIP-L-like, bigG-like with projection) and a text_time UNet.
+SDXL_TEXT_WIDTHS = (32, 48)  # encoder 1, encoder 2: the context is 80 wide
+SDXL_PROJECTION = 16  # encoder 2's text_embeds (the pooled part of y)
+SDXL_TIME_DIM = 8  # addition_time_embed_dim
+# SGM-detectable sizes: text towers of 64-wide heads (CLIP, OpenCLIP), y's 256-wide features
+SGM_TEXT_WIDTHS, SGM_PROJECTION = (64, 128), 32
+
+
+def sdxl_text_encoders(widths=SDXL_TEXT_WIDTHS, heads=(2, 2), projection=SDXL_PROJECTION):
+    """(CLIPTextModel quick_gelu, CLIPTextModelWithProjection gelu), random weights."""
+    common = dict(vocab_size=49408, intermediate_size=64)
+    one = transformers.CLIPTextModel(
+        transformers.CLIPTextConfig(
+            hidden_size=widths[0],
+            num_attention_heads=heads[0],
+            num_hidden_layers=2,
+            hidden_act="quick_gelu",
+            **common,
+        )
+    )
+    two = transformers.CLIPTextModelWithProjection(
+        transformers.CLIPTextConfig(
+            hidden_size=widths[1],
+            num_attention_heads=heads[1],
+            num_hidden_layers=3,
+            hidden_act="gelu",
+            projection_dim=projection,
+            **common,
+        )
+    )
+    randomize_(one, 10)
+    randomize_(two, 11)
+    return one.eval(), two.eval()
+
+
+def sdxl_unet(
+    *, time_ids: int = 6, context: int = sum(SDXL_TEXT_WIDTHS), seed: int = 12, sgm: bool = False
+):
+    """A tiny text_time UNet (sd_xl_base-like: no attention at level 0, depth 2 at level 1).
+    `sgm`: what SGM files fix and their keys cannot show (64-channel heads, 32 GroupNorm
+    groups, 256-wide time-id features) at the smallest widths that allow it."""
+    widths, heads = ((64, 128), (1, 2)) if sgm else ((32, 64), (4, 8))  # 64- / 8-channel heads
+    time_dim, projection = (256, SGM_PROJECTION) if sgm else (SDXL_TIME_DIM, SDXL_PROJECTION)
+    unet = diffusers.UNet2DConditionModel(
+        block_out_channels=widths,
+        layers_per_block=1,
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=heads,
+        cross_attention_dim=context,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=projection + time_ids * time_dim,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=32 if sgm else 8,
+        sample_size=8,
+    )
+    randomize_(unet, seed)
+    return unet.eval()
+
+
+def sdxl_tokenizer_2():
+    """transformers CLIPTokenizer padding with "!" (id 0), as SDXL's tokenizer_2 folder says."""
+    import tempfile  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory() as folder:
+        CLIPTokenizer.for_cond_stage("openclip").write_folder(folder)
+        return transformers.CLIPTokenizer.from_pretrained(folder)
+
+
+def sdxl_pipeline() -> diffusers.StableDiffusionXLPipeline:
+    """A tiny SDXL base pipeline (EulerDiscreteScheduler as in the release scheduler_config)."""
+    text_1, text_2 = sdxl_text_encoders()
+    vae = sd_components()["vae"]  # scaling_factor 0.13025 as SDXL's
+    scheduler = diffusers.EulerDiscreteScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    return diffusers.StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_1,
+        text_encoder_2=text_2,
+        tokenizer=CLIPTokenizer.from_packaged_vocab().hf_tokenizer,
+        tokenizer_2=sdxl_tokenizer_2(),
+        unet=sdxl_unet(),
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+    )
+
+
+def sdxl_refiner_pipeline() -> diffusers.StableDiffusionXLImg2ImgPipeline:
+    """A tiny SDXL refiner: text_encoder_2 only, aesthetic-score time ids (5)."""
+    _, text_2 = sdxl_text_encoders()
+    base = sdxl_pipeline()
+    return diffusers.StableDiffusionXLImg2ImgPipeline(
+        vae=base.vae,
+        text_encoder=None,
+        text_encoder_2=text_2,
+        tokenizer=None,
+        tokenizer_2=base.tokenizer_2,
+        unet=sdxl_unet(time_ids=5, context=SDXL_TEXT_WIDTHS[1], seed=13),
+        scheduler=base.scheduler,
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+    )
+
+
+def sgm_sdxl_pipeline(refiner: bool = False):
+    """A tiny SDXL base (or refiner) whose every hyper-parameter an SGM single file's keys and
+    shapes settle (see `sdxl_unet(sgm=True)`), for the single-file tests."""
+    text_1, text_2 = sdxl_text_encoders(SGM_TEXT_WIDTHS, (1, 2), SGM_PROJECTION)
+    base = sdxl_pipeline()
+    context = SGM_TEXT_WIDTHS[1] if refiner else sum(SGM_TEXT_WIDTHS)
+    unet = sdxl_unet(time_ids=5 if refiner else 6, context=context, seed=14, sgm=True)
+    common = dict(
+        vae=base.vae, text_encoder_2=text_2, tokenizer_2=base.tokenizer_2, unet=unet,
+        scheduler=base.scheduler,
+    )  # fmt: skip
+    if refiner:
+        return diffusers.StableDiffusionXLImg2ImgPipeline(
+            text_encoder=None, tokenizer=None, requires_aesthetics_score=True,
+            force_zeros_for_empty_prompt=False, **common,
+        )  # fmt: skip
+    return diffusers.StableDiffusionXLPipeline(
+        text_encoder=text_1, tokenizer=base.tokenizer, force_zeros_for_empty_prompt=True, **common
+    )

@@ -2,10 +2,11 @@
 
 A LatentDiffusion `state_dict` (ldm/models/diffusion/ddpm.py) holds the UNet under
 `model.diffusion_model.`, the first stage under `first_stage_model.`, the conditioning encoder
-under `cond_stage_model.`, the noise-schedule buffers at the top level, and, in non-pruned files,
-an EMA copy of the UNet under `model_ema.` (ldm/modules/ema.py LitEma: every parameter name of
-the DiffusionWrapper with its dots removed). A standalone first-stage `model.ckpt` holds the
-autoencoder keys at the top level plus its training loss under `loss.`.
+under `cond_stage_model.` (SGM's DiffusionEngine, SDXL: `conditioner.embedders.<i>.`), the
+noise-schedule buffers at the top level, and, in non-pruned files, an EMA copy of the UNet under
+`model_ema.` (ldm/modules/ema.py LitEma: every parameter name of the DiffusionWrapper with its
+dots removed). A standalone first-stage `model.ckpt` holds the autoencoder keys at the top level
+plus its training loss under `loss.`.
 
 This module is the one place that names every key of those files that is not a parameter.
 """
@@ -19,6 +20,7 @@ from ldm_jax.checkpoints.compvis.text import (
     OPENCLIP_PREFIX,
     OPENCLIP_UNUSED,
     compvis_cond_stage_table,
+    sgm_conditioner_table,
 )
 from ldm_jax.checkpoints.compvis.unet import compvis_unet_table
 from ldm_jax.checkpoints.errors import CheckpointMismatchError
@@ -108,8 +110,11 @@ def compvis_checkpoint_table(
             raise ValueError(
                 "the cond stage is either spec.cond_stage or the first stage, not both"
             )
-        cond = compvis_cond_stage_table(spec.cond_stage)
-        tables.append(cond.prefixed(COND_STAGE_PREFIX, "cond_stage"))
+        if spec.cond_stage.kind == "sdxl":  # SGM: conditioner.embedders.<i>.*
+            tables.append(sgm_conditioner_table(spec.cond_stage.config))
+        else:
+            cond = compvis_cond_stage_table(spec.cond_stage)
+            tables.append(cond.prefixed(COND_STAGE_PREFIX, "cond_stage"))
     elif first_stage_as_cond_stage:
         ignorable += [COND_STAGE_PREFIX + e.torch_key for e in first_stage.entries]
     return KeyTable.union(*tables, KeyTable([], ignorable))

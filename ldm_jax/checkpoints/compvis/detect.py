@@ -2,6 +2,7 @@
 
 Key detection covers what the weights settle: Stable Diffusion 1.x (CLIP text under
 `cond_stage_model.transformer.text_model.`), 2.x (OpenCLIP under `cond_stage_model.model.`),
+SDXL base and refiner (SGM `conditioner.embedders.<i>.`, 64-channel UNet heads),
 their inpainting variants (9 UNet input channels) and standalone first stages (LDM zoo
 `model.ckpt`). Widths, depths, levels, attention placement and codebooks come from tensor
 shapes; what no shape shows comes from the family: SD 1.x UNets use 8 heads, SD 2.x 64-channel
@@ -21,16 +22,30 @@ from ldm_jax.checkpoints.compvis.checkpoint_table import (
     SCALE_FACTOR_KEY,
     UNET_PREFIX,
 )
+from ldm_jax.checkpoints.compvis.text import SGM_EMBEDDERS_PREFIX
 from ldm_jax.checkpoints.errors import ArchitectureError
 from ldm_jax.models.autoencoder import AutoencoderConfig
 from ldm_jax.models.clip_text import CLIPTextConfig
+from ldm_jax.models.text_time import SDXL_TIME_EMBED_DIM
 from ldm_jax.models.unet import UNetConfig
 from ldm_jax.models.vq import VQConfig
-from ldm_jax.spec import CondStageSpec, DiffusionSpec, ModelSpec
+from ldm_jax.presets.sdxl import SDXL_DIFFUSION
+from ldm_jax.spec import (
+    SDXL_BASE_TIME_IDS,
+    SDXL_REFINER_TIME_IDS,
+    CondStageSpec,
+    DiffusionSpec,
+    ModelSpec,
+    SDXLConditionerConfig,
+)
 
 CLIP_KEYS = COND_STAGE_PREFIX + "transformer.text_model."
 OPENCLIP_KEYS = COND_STAGE_PREFIX + "model."
-TEXT_HEAD_WIDTH = 64  # CLIP ViT-L/14 and OpenCLIP ViT-H/14 text towers
+# SGM (SDXL) conditioners: base = CLIP ViT-L (HF layout) + OpenCLIP bigG; refiner = bigG only
+SGM_CLIP_KEYS = SGM_EMBEDDERS_PREFIX + "0.transformer.text_model."
+SGM_OPENCLIP_KEYS = (SGM_EMBEDDERS_PREFIX + "1.model.", SGM_EMBEDDERS_PREFIX + "0.model.")
+SDXL_UNET_HEAD_CHANNELS = 64  # sd_xl_base.yaml / sd_xl_refiner.yaml num_head_channels
+TEXT_HEAD_WIDTH = 64  # CLIP ViT-L/14, OpenCLIP ViT-H/14 and ViT-bigG/14 text towers
 SD1_UNET_HEADS = 8  # v1-inference.yaml num_heads
 SD2_UNET_HEAD_CHANNELS = 64  # v2-inference*.yaml num_head_channels
 _FIRST_STAGE_RESOLUTION = 256  # only places attention (attn_resolutions are relative to it)
@@ -81,6 +96,8 @@ def detect_architecture(state_dict: Mapping[str, Any]) -> CompVisArchitecture:
             f"'{UNET_PREFIX}*' or 'encoder.*'/'decoder.*' keys (first keys: {sample})"
         )
     first_stage = first_stage_from_keys(state_dict, FIRST_STAGE_PREFIX)
+    if any(k.startswith(SGM_EMBEDDERS_PREFIX) for k in keys):
+        return CompVisArchitecture(sdxl_from_keys(state_dict, first_stage))
     if CLIP_KEYS + "embeddings.token_embedding.weight" in keys:
         cond = CondStageSpec("clip", clip_from_keys(state_dict))
         unet = unet_from_keys(state_dict, num_heads=SD1_UNET_HEADS)
@@ -106,6 +123,45 @@ def detect_architecture(state_dict: Mapping[str, Any]) -> CompVisArchitecture:
         scale = float(np.asarray(state_dict[SCALE_FACTOR_KEY]).reshape(()))
         diffusion = dataclasses.replace(diffusion, scale_factor=scale)
     return CompVisArchitecture(ModelSpec(first_stage, unet, cond, diffusion))
+
+
+def sdxl_from_keys(state_dict: Mapping[str, Any], first_stage) -> ModelSpec:
+    """SDXL base (CLIP-L + bigG) or refiner (bigG) from an SGM file's shapes. The time ids follow
+    from y's width: pooled + 6 (base) or 5 (refiner, with the aesthetic score) x 256."""
+    keys = set(state_dict)
+    base = SGM_CLIP_KEYS + "embeddings.token_embedding.weight" in keys
+    bigg = SGM_OPENCLIP_KEYS[0 if base else 1]
+    if bigg + "token_embedding.weight" not in keys or bigg + "text_projection" not in keys:
+        raise ArchitectureError(
+            f"an SGM conditioner ('{SGM_EMBEDDERS_PREFIX}*') that is neither SDXL base "
+            f"('{SGM_CLIP_KEYS}*' + '{SGM_OPENCLIP_KEYS[0]}*') nor refiner "
+            f"('{SGM_OPENCLIP_KEYS[1]}*') with its text_projection; {_PASS_YAML}"
+        )
+    options = dict(skip_last_layers=1, final_norm_on_output=False)
+    last = openclip_from_keys(state_dict, prefix=bigg, **options)
+    last = dataclasses.replace(last, projection_dim=_shape(state_dict, bigg + "text_projection")[1])
+    encoders = (clip_from_keys(state_dict, SGM_CLIP_KEYS, **options), last) if base else (last,)
+    unet = unet_from_keys(state_dict, num_head_channels=SDXL_UNET_HEAD_CHANNELS)
+    if unet.num_classes != "sequential" or unet.in_channels != 4:
+        raise ArchitectureError(
+            "an SDXL conditioner with a UNet that takes no adm vector y (no label_emb.0.0) or "
+            f"{unet.in_channels} input channels (4 expected); {_PASS_YAML}"
+        )
+    ids, rest = divmod(unet.adm_in_channels - last.projection_dim, SDXL_TIME_EMBED_DIM)
+    time_ids = {6: SDXL_BASE_TIME_IDS, 5: SDXL_REFINER_TIME_IDS}.get(ids if not rest else None)
+    if time_ids is None:
+        raise ArchitectureError(
+            f"the UNet's y is {unet.adm_in_channels} wide: the pooled {last.projection_dim} plus "
+            f"6 (base) or 5 (refiner) time ids x {SDXL_TIME_EMBED_DIM} expected; {_PASS_YAML}"
+        )
+    unet = dataclasses.replace(unet, addition_time_embed_dim=SDXL_TIME_EMBED_DIM)
+    cond = SDXLConditionerConfig(
+        encoders, time_ids, force_zeros_for_empty_prompt=time_ids == SDXL_BASE_TIME_IDS
+    )
+    try:
+        return ModelSpec(first_stage, unet, CondStageSpec("sdxl", cond), SDXL_DIFFUSION)
+    except ValueError as error:
+        raise ArchitectureError(f"unsupported SDXL architecture: {error}") from None
 
 
 def unet_from_keys(
@@ -233,7 +289,9 @@ def _text_config(vocab_width, length, layers, mlp, **kwargs) -> CLIPTextConfig:
     )
 
 
-def clip_from_keys(state_dict: Mapping[str, Any], prefix: str = CLIP_KEYS) -> CLIPTextConfig:
+def clip_from_keys(
+    state_dict: Mapping[str, Any], prefix: str = CLIP_KEYS, **kwargs
+) -> CLIPTextConfig:
     """SD 1.x FrozenCLIPEmbedder (an HF CLIPTextModel, quick-GELU) from its shapes."""
     layers = _count(state_dict, prefix + "encoder.layers.{}.mlp.fc1.weight")
     return _text_config(
@@ -242,11 +300,12 @@ def clip_from_keys(state_dict: Mapping[str, Any], prefix: str = CLIP_KEYS) -> CL
         layers,
         _shape(state_dict, prefix + "encoder.layers.0.mlp.fc1.weight")[0],
         activation="quick_gelu",
+        **kwargs,
     )
 
 
 def openclip_from_keys(
-    state_dict: Mapping[str, Any], *, skip_last_layers: int, prefix: str = OPENCLIP_KEYS
+    state_dict: Mapping[str, Any], *, skip_last_layers: int, prefix: str = OPENCLIP_KEYS, **kwargs
 ) -> CLIPTextConfig:
     """SD 2.x FrozenOpenCLIPEmbedder (open_clip text tower, GELU) from its shapes."""
     layers = _count(state_dict, prefix + "transformer.resblocks.{}.mlp.c_fc.weight")
@@ -257,4 +316,5 @@ def openclip_from_keys(
         _shape(state_dict, prefix + "transformer.resblocks.0.mlp.c_fc.weight")[0],
         activation="gelu",
         skip_last_layers=skip_last_layers,
+        **kwargs,
     )

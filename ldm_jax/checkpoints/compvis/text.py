@@ -19,7 +19,7 @@ from ldm_jax.checkpoints.transformers_clip import TEXT_MODEL_PREFIX, clip_text_k
 from ldm_jax.models.clip_text import CLIPTextConfig
 from ldm_jax.models.conditioning import ClassEmbedderConfig, SpatialRescalerConfig
 from ldm_jax.models.ldm_bert import LDMBertConfig
-from ldm_jax.spec import CondStageSpec
+from ldm_jax.spec import CondStageSpec, SDXLConditionerConfig
 
 # Where each encoder's keys start, relative to `cond_stage_model.`.
 CLIP_PREFIX = "transformer."  # FrozenCLIPEmbedder.transformer: an HF CLIPTextModel
@@ -72,6 +72,44 @@ def compvis_openclip_table(cfg: CLIPTextConfig) -> KeyTable:
         ]
     entries += _norm("ln_final", "final_norm")
     return KeyTable(entries, ignorable=OPENCLIP_UNUSED)
+
+
+# SGM (Stability-AI/generative-models) GeneralConditioner: SDXL's text encoders, each under
+# `conditioner.embedders.<i>.`: FrozenCLIPEmbedder (HF CLIPTextModel under `transformer.`) and
+# FrozenOpenCLIPEmbedder2 (open_clip under `model.`, whose `text_projection` SDXL uses).
+SGM_EMBEDDERS_PREFIX = "conditioner.embedders."
+SGM_OPENCLIP_UNUSED = ("logit_scale", "attn_mask")  # bigG's contrastive scale, causal-mask buffer
+
+
+def sgm_openclip_table(cfg: CLIPTextConfig) -> KeyTable:
+    """FrozenOpenCLIPEmbedder2, keys under `conditioner.embedders.<i>.model.`: the open_clip text
+    tower of `compvis_openclip_table` plus `text_projection` [width, projection_dim], applied as
+    x @ P (our kernel's layout; the transpose of transformers' `text_projection.weight`)."""
+    entries = list(compvis_openclip_table(cfg).entries)
+    if cfg.projection_dim is not None:
+        entries.append(key_map("text_projection", "text_projection/kernel"))
+    return KeyTable(entries, ignorable=SGM_OPENCLIP_UNUSED)
+
+
+def sgm_embedder_prefixes(cfg: SDXLConditionerConfig) -> tuple[str, ...]:
+    """Each encoder's key prefix: the last (with the projection) is OpenCLIP, earlier ones CLIP."""
+    last = len(cfg.text_encoders) - 1
+    return tuple(
+        f"{SGM_EMBEDDERS_PREFIX}{i}.{OPENCLIP_PREFIX if i == last else CLIP_PREFIX}"
+        for i in range(last + 1)
+    )
+
+
+def sgm_conditioner_table(cfg: SDXLConditionerConfig) -> KeyTable:
+    """SDXL's conditioner in an SGM single file: keys from the file's root, Flax paths under
+    `cond_stage/encoder_<i>` (the embedders of the time ids have no parameters)."""
+    last = len(cfg.text_encoders) - 1
+    tables = []
+    prefixes = sgm_embedder_prefixes(cfg)
+    for i, (prefix, text) in enumerate(zip(prefixes, cfg.text_encoders, strict=True)):
+        table = sgm_openclip_table(text) if i == last else compvis_clip_table(text)
+        tables.append(table.prefixed(prefix, f"cond_stage/encoder_{i}"))
+    return KeyTable.union(*tables)
 
 
 def compvis_ldm_bert_table(cfg: LDMBertConfig) -> KeyTable:

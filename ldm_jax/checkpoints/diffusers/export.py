@@ -28,6 +28,12 @@ from ldm_jax.checkpoints.diffusers.scheduler import (
     SCHEDULER_FOLDER,
     scheduler_config,
 )
+from ldm_jax.checkpoints.diffusers.sdxl import (
+    SDXL_PIPELINES,
+    sdxl_index_entries,
+    sdxl_text_folders,
+    sdxl_transformers_config,
+)
 from ldm_jax.checkpoints.diffusers.unet import diffusers_unet_config, diffusers_unet_table
 from ldm_jax.checkpoints.errors import UnsupportedExportError
 from ldm_jax.checkpoints.transformers_clip import TEXT_MODEL_PREFIX, clip_text_key_table
@@ -68,7 +74,7 @@ def save_diffusers(
             unet_kwargs,
             diffusers_unet_table(spec.unet).to_torch(params["unet"]),
         )
-        vae_name = "vae" if pipeline in _SD_PIPELINES else "vqvae"
+        vae_name = "vae" if pipeline in (*_SD_PIPELINES, *SDXL_PIPELINES.values()) else "vqvae"
         _write_first_stage(folder / vae_name, spec, params["first_stage"])
         components = {
             "unet": ["diffusers", unet_class],
@@ -78,6 +84,8 @@ def save_diffusers(
             ],
             "scheduler": ["diffusers", "DDIMScheduler"],
         }
+        if pipeline in SDXL_PIPELINES.values():
+            components |= _write_sdxl_text(folder, checkpoint)
         if pipeline in _SD_PIPELINES:
             _write_text_encoder(folder / "text_encoder", spec, params["cond_stage"])
             _tokenizer_for(checkpoint).write_folder(folder / "tokenizer")
@@ -105,6 +113,21 @@ def _pipeline_class(spec: ModelSpec) -> str:
         raise UnsupportedExportError(
             "a first-stage-only checkpoint has no diffusers pipeline; export it to compvis or orbax"
         )
+    if cond is not None and cond.kind == "sdxl":
+        if cond.config.time_ids not in SDXL_PIPELINES or spec.diffusion.concat_input:
+            raise UnsupportedExportError(
+                f"diffusers has SDXL pipelines for the time ids {list(SDXL_PIPELINES)}; this "
+                f"checkpoint has {cond.config.time_ids}: export it to compvis or orbax instead"
+            )
+        for cfg in cond.config.text_encoders:  # what StableDiffusionXLPipeline reads
+            if (cfg.skip_last_layers, cfg.final_norm_on_output) != (1, False):
+                raise UnsupportedExportError(
+                    "diffusers' SDXL pipelines read each text encoder's hidden_states[-2] without "
+                    "the final LayerNorm (skip_last_layers=1, final_norm_on_output=False); this "
+                    f"checkpoint's encoder has {cfg.skip_last_layers}, "
+                    f"{cfg.final_norm_on_output}: export it to orbax instead"
+                )
+        return SDXL_PIPELINES[cond.config.time_ids]
     if cond is not None and cond.kind in CLIP_TEXT_CONDITIONINGS:
         if spec.diffusion.conditioning_key not in ("crossattn", "hybrid"):
             raise UnsupportedExportError(
@@ -154,6 +177,28 @@ def _write_text_encoder(folder: Path, spec: ModelSpec, params: Any) -> None:
     folder.mkdir(parents=True)
     _write_json(folder / "config.json", clip_transformers_config(cfg))
     _save_tensors(folder / "model.safetensors", tensors)
+
+
+def _write_sdxl_text(folder: Path, checkpoint: CheckpointContents) -> dict[str, Any]:
+    """Both SDXL encoders, whole (the pipeline reads hidden_states[-2] itself), with the
+    `text_model.` prefix, their tokenizers; returns the model_index.json entries."""
+    cond = checkpoint.spec.cond_stage.config
+    names = sdxl_text_folders(len(cond.text_encoders))
+    for i, (name, cfg) in enumerate(zip(names, cond.text_encoders, strict=True)):
+        tensors = clip_text_key_table(cfg, TEXT_MODEL_PREFIX).to_torch(
+            checkpoint.params["cond_stage"][f"encoder_{i}"]
+        )
+        (folder / name).mkdir(parents=True)
+        config = sdxl_transformers_config(cfg, clip_transformers_config(cfg))
+        _write_json(folder / name / "config.json", config)
+        _save_tensors(folder / name / "model.safetensors", tensors)
+    from ldm_jax.tokenizers.sdxl import SDXLTokenizers  # noqa: PLC0415
+
+    tokenizer = checkpoint.tokenizer
+    if not isinstance(tokenizer, SDXLTokenizers) or len(tokenizer) != len(names):
+        tokenizer = SDXLTokenizers.from_packaged_vocab(len(names))
+    tokenizer.write_folder(folder)  # tokenizer/ and tokenizer_2/
+    return sdxl_index_entries(cond)
 
 
 def clip_transformers_config(cfg: CLIPTextConfig) -> dict[str, Any]:

@@ -25,6 +25,12 @@ from ldm_jax.checkpoints.diffusers.scheduler import (
     SCHEDULER_FOLDER,
     diffusion_from_scheduler,
 )
+from ldm_jax.checkpoints.diffusers.sdxl import (
+    SDXL_TEXT_FOLDERS,
+    is_sdxl_index,
+    sdxl_conditioner,
+    sdxl_text_config,
+)
 from ldm_jax.checkpoints.diffusers.unet import diffusers_unet_table
 from ldm_jax.checkpoints.diffusers.unet_config import unet_config_from_diffusers
 from ldm_jax.checkpoints.errors import (
@@ -50,7 +56,7 @@ from ldm_jax.spec import CondStageSpec, ModelSpec, validate_spec
 
 MODEL_INDEX = "model_index.json"
 FIRST_STAGE_FOLDERS = ("vae", "vqvae")
-TEXT_FOLDERS = ("text_encoder", "bert")
+TEXT_FOLDERS = ("text_encoder", "bert", "text_encoder_2")
 WEIGHT_FILES = (
     "diffusion_pytorch_model.safetensors",
     "model.safetensors",
@@ -205,7 +211,24 @@ def _load(folder: Path, dtype, stack: contextlib.ExitStack):
     weights["first_stage"] = stack.enter_context(open_weights(folder / fs_name))
 
     cond, text_name = None, _component(folder, index, TEXT_FOLDERS)
-    if text_name is not None:
+    sdxl = is_sdxl_index(index)
+    if sdxl:  # SDXL: text_encoder (absent in a refiner) and text_encoder_2 -> one cond stage
+        text_names = [n for n in SDXL_TEXT_FOLDERS if _component(folder, index, (n,))]
+        text_weights = {
+            n: stack.enter_context(open_weights(folder / n)) for n in text_names
+        }  # fmt: skip
+        encoders = tuple(
+            _translate(
+                folder / n / "config.json", CLIP_TEXT_FIELDS, sdxl_text_config, n == text_names[-1]
+            )[1]
+            for n in text_names
+        )
+        try:
+            conditioner = sdxl_conditioner(index, encoders, unet.addition_time_embed_dim or 256)
+            cond = CondStageSpec("sdxl", conditioner)
+        except ValueError as error:
+            raise ArchitectureError(f"{folder}: unsupported SDXL text encoders ({error})") from None
+    elif text_name is not None:
         text_weights = weights["cond_stage"] = stack.enter_context(
             open_weights(folder / text_name)
         )
@@ -220,7 +243,9 @@ def _load(folder: Path, dtype, stack: contextlib.ExitStack):
 
     latent = first_stage.embed_dim
     concat = None
-    if unet.context_dim is not None:
+    if sdxl:
+        key = "crossattn_adm"
+    elif unet.context_dim is not None:
         key = "hybrid" if unet.in_channels == 2 * latent + 1 else "crossattn"
         concat = "mask_and_masked_image" if key == "hybrid" else None  # SD inpainting
     else:
@@ -243,13 +268,16 @@ def _load(folder: Path, dtype, stack: contextlib.ExitStack):
         )
     except ArchitectureError as error:
         raise ArchitectureError(f"{scheduler_file}: {error}") from None
-    spec = ModelSpec(first_stage=first_stage, unet=unet, cond_stage=cond, diffusion=diffusion)
     try:
+        spec = ModelSpec(first_stage=first_stage, unet=unet, cond_stage=cond, diffusion=diffusion)
         validate_spec(spec, "spec")
     except ValueError as error:
         raise ArchitectureError(f"{folder}: the configs give an unsupported {error}") from None
     checks = [(unet, "unet", "unet"), (first_stage, "first_stage", fs_name)]
-    if cond is not None:
+    if sdxl:
+        for name, config in zip(text_names, cond.config.text_encoders, strict=True):
+            check_against_tensors(config, text_weights[name], folder / name / "config.json")
+    elif cond is not None:
         checks.append((cond.config, "cond_stage", text_name))
     for config, name, subfolder in checks:  # before any shape is built from the configs
         check_against_tensors(config, weights[name], folder / subfolder / "config.json")
@@ -258,7 +286,12 @@ def _load(folder: Path, dtype, stack: contextlib.ExitStack):
         abstract = abstract_checkpoint_params(spec)
         fs_table = vq_model_table if isinstance(first_stage, VQConfig) else autoencoder_kl_table
         tables = {"unet": diffusers_unet_table(unet), "first_stage": fs_table(first_stage)}
-        if cond is not None and cond.kind == "ldm_bert":
+        if sdxl:
+            text_tables = [
+                clip_text_key_table(config, detect_prefix(text_weights[name]))
+                for name, config in zip(text_names, cond.config.text_encoders, strict=True)
+            ]
+        elif cond is not None and cond.kind == "ldm_bert":
             tables["cond_stage"] = ldm_bert_key_table(cond.config)
         elif cond is not None:
             tables["cond_stage"] = clip_text_key_table(cond.config, detect_prefix(text_weights))
@@ -273,5 +306,14 @@ def _load(folder: Path, dtype, stack: contextlib.ExitStack):
         )
         for name, table in tables.items()
     }
+    if sdxl:  # the tokenizers are the folder's tokenizer/ and tokenizer_2/
+        params["cond_stage"] = {
+            f"encoder_{i}": read_params(
+                table, text_weights[name], abstract["cond_stage"][f"encoder_{i}"], dtype,
+                source=str(folder / name),
+            )  # fmt: skip
+            for i, (name, table) in enumerate(zip(text_names, text_tables, strict=True))
+        }
+        return spec, params, folder
     tokenizer = folder / "tokenizer"
     return spec, params, tokenizer if tokenizer.is_dir() else None
