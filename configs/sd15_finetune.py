@@ -29,6 +29,6 @@ def get_config(arg=None):
                        min_scale=1.0, max_scale=1.2, crop="random", flip=True, num_threads=16))
     c.train = train_config(num_steps=20_000, log_every=50, checkpoint_every=1000,
                            sample_every=1000)
-    c.sample.update(dict(num_images=4, steps=30, guidance=7.5, sampler="ddim",
+    c.sample.update(dict(num_images=4, steps=25, guidance=7.5, sampler="dpm++_2m_karras",
                          prompts=("a photograph of an astronaut riding a horse",)))
     return c

@@ -32,6 +32,10 @@ NEGATIVES = ["blurry", "low quality, jpeg artefacts"]
 SEED = 11
 LATENT_HWC = (8, 8, 4)
 EPS, V = "epsilon", "v_prediction"
+# diffusers' schedulers call np.array on torch tensors (numpy 2's copy-keyword notice)
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
+)
 
 
 def _cases():

@@ -38,6 +38,10 @@ def exported(request, tmp_path_factory):
 def _without_spec(path, destination):
     """The same tensors without ldm_jax's spec metadata: what an SGM release file holds."""
     tensors = safetensors.numpy.load_file(str(path))
+    # SGM's DiscreteDenoiser buffer and bigG's contrastive scale: in release files, not params
+    tensors["denoiser.sigmas"] = np.linspace(0.03, 14.6, 1000, dtype=np.float32)
+    (projection,) = [k for k in tensors if k.endswith("model.text_projection")]
+    tensors[projection.removesuffix("text_projection") + "logit_scale"] = np.array(4.6, np.float32)
     safetensors.numpy.save_file(tensors, str(destination), metadata={"format": "pt"})
     return tensors
 

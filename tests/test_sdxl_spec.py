@@ -12,6 +12,10 @@ from references.torch_reference import nchw, nhwc, state_dict_numpy
 from support.tiny_pipelines import sdxl_pipeline
 from support.tiny_specs import SD1_LIKE, TINY_SDXL, TINY_SDXL_CONDITIONER
 
+from ldm_jax.checkpoints.compvis.checkpoint_table import (
+    COMPVIS_IGNORABLE,
+    compvis_checkpoint_table,
+)
 from ldm_jax.checkpoints.diffusers.unet import diffusers_unet_table
 from ldm_jax.checkpoints.transformers_clip import clip_text_key_table, detect_prefix
 from ldm_jax.latent_diffusion import (
@@ -160,3 +164,10 @@ def test_conditioning_and_unet_match_diffusers_sdxl(parity, clip_skip):
     eps = apply_unet(modules["unet"][0], params["unet"], nhwc(x), np.asarray(t), c)
     parity(f"SDXL eps (our conditioning + UNet){skip}", eps, nhwc(ref_eps))
     assert nchw(np.asarray(eps)).shape == x.shape
+
+
+def test_sgm_tables_list_their_non_parameters():
+    for spec in SDXL_PRESETS.values():
+        accepted = compvis_checkpoint_table(spec).ignorable
+        assert {k for k in accepted if not k.startswith("model_ema.")} <= COMPVIS_IGNORABLE
+    assert "denoiser.sigmas" in COMPVIS_IGNORABLE

@@ -20,6 +20,7 @@ __all__ = [
     "DestinationOverlapsSourceError",
     "OrbaxCheckpointError",
     "UnsupportedExportError",
+    "UnsupportedLoRAError",
 ]
 
 
@@ -41,3 +42,8 @@ class OrbaxCheckpointError(ValueError):
 
 class UnsupportedExportError(ValueError):
     """The checkpoint has no equivalent in the requested format."""
+
+
+class UnsupportedLoRAError(ValueError):
+    """A LoRA file that does not fit the model: a key naming no layer of it (another
+    architecture, an unsupported adapter type), wrong shapes, or non-finite values."""

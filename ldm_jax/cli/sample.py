@@ -3,6 +3,7 @@
     python sample.py --checkpoint PATH_OR_ID --prompt "a photo of a cat" [--n 4] [--steps 50]
         [--sampler NAME] [--guidance 7.5] [--seed S] [--out outputs/]
         [--init-image PATH --strength 0.75] [--mask PATH] [--class-label N] [--low-res-image PATH]
+        [--lora PATH[:SCALE] ...]
 
 The checkpoint decides the task: text-to-image (--prompt), unconditional (no conditioning flag),
 class-conditional (--class-label), image-to-image (--init-image, --strength), inpainting
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -138,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--compilation-cache", metavar="DIR", help="JAX persistent compilation cache folder"
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="merge a LoRA file (kohya/A1111 or diffusers/PEFT .safetensors, or .ckpt/.pt) into "
+        "the UNet and text encoder, weighted by SCALE (default 1); repeat for several",
+    )
     tasks = parser.add_argument_group(
         "tasks (the checkpoint decides which apply; images are never resized: a size mismatch is "
         "an error naming the expected size)"
@@ -202,8 +212,31 @@ def check_args(args) -> None:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UsageError(f"--{flag} must be positive, got {value}")
+    args.loras = check_loras(args.lora)
     require_checkpoint(args.checkpoint, hint=f"pass {CHECKPOINT_HELP}")
     check_output_folder(args.out, [*output_names(args.n), GRID_NAME], args.overwrite)
+
+
+def check_loras(values: list[str]) -> list[tuple[str, float]]:
+    """--lora PATH[:SCALE] values -> [(path, scale)]; a path that is itself a file keeps its
+    colons."""
+    loras = []
+    for value in values:
+        path, scale = value, 1.0
+        head, colon, tail = value.rpartition(":")
+        if colon and not Path(value).expanduser().is_file():
+            try:
+                path, scale = head, float(tail)
+            except ValueError:
+                raise UsageError(f"--lora {value}: SCALE must be a number, got {tail!r}") from None
+        if not math.isfinite(scale):
+            raise UsageError(f"--lora {value}: SCALE must be finite, got {tail}")
+        if not Path(path).expanduser().is_file():
+            raise UsageError(f"--lora {path} is not a file")
+        if path in [p for p, _ in loras]:
+            raise UsageError(f"--lora {path} is given twice")
+        loras.append((path, scale))
+    return loras
 
 
 def check_model(args, pipe) -> None:
@@ -354,11 +387,24 @@ def main(argv=None) -> int:
 
 def _sample(args) -> int:
     check_args(args)  # before the slow imports: bad input is answered at once
+    pipe = load_pipeline(args.checkpoint, args.dtype, args.compilation_cache, args.attention)
+    check_model(args, pipe)
+    try:
+        for path, scale in args.loras:
+            try:
+                pipe.load_lora(Path(path).expanduser(), scale, name=path)
+            except ValueError as error:  # UnsupportedLoRAError included
+                raise UsageError(f"--lora {path}: {error}") from error
+        return _sample_and_write(args, pipe)
+    finally:
+        if args.loras:  # the cached pipeline serves the next command without them
+            pipe.unload_lora()
+
+
+def _sample_and_write(args, pipe) -> int:
     from ldm_jax.sampling.pipeline import sampler_iterations  # noqa: PLC0415 - imports jax
     from ldm_jax.sampling.progress import StepProgress  # noqa: PLC0415
 
-    pipe = load_pipeline(args.checkpoint, args.dtype, args.compilation_cache, args.attention)
-    check_model(args, pipe)
     kwargs = task_inputs(args, pipe.task)
     texts = [] if args.prompt is None else [("--prompt", args.prompt)]
     if args.negative_prompt:
@@ -402,6 +448,8 @@ def _sample(args) -> int:
     for key in ("guidance_rescale", "clip_skip"):
         if getattr(args, key):
             metadata[key] = getattr(args, key)
+    if args.loras:
+        metadata["lora"] = [f"{path}:{scale:g}" for path, scale in args.loras]
     written = write_images(result.images, Path(args.out), metadata, result.seeds)
     names = [p.name for p in written[:-1]]
     names = ", ".join(names) if len(names) <= 4 else f"{names[0]} ... {names[-1]}"

@@ -46,15 +46,17 @@ them::
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ldm_jax.checkpoints import LatentDiffusionCheckpoint, save_checkpoint
+from ldm_jax.checkpoints.lora import merged_kernels, read_lora, replace_leaves
 from ldm_jax.compile_options import compiler_options
 from ldm_jax.diffusion import SAMPLERS, classifier_free_guidance, sampler_plans
 from ldm_jax.images import to_pil as images_to_pil
@@ -176,6 +178,79 @@ class LatentDiffusionPipeline:
             self.spec, jax.device_get(self.params), self.tokenizer
         )
         return save_checkpoint(checkpoint, destination, format=format, overwrite=overwrite)
+
+    # --- LoRA adapters: merged on the host into the params the compiled function takes, so
+    # loading, rescaling and unloading them never recompiles (same shapes, dtypes, shardings).
+
+    def load_lora(self, path, scale: float = 1.0, *, name: str | None = None,
+                  strict: bool = True) -> str:  # fmt: skip
+        """Merge a LoRA file (kohya / A1111 or diffusers / PEFT ``.safetensors``, or a pickled
+        ``.ckpt``/``.pt`` read weights-only) into the UNet and text encoder, weighted by ``scale``:
+        W' = W + sum over loaded LoRAs of scale * (alpha / rank) * up @ down. Returns its name
+        (``name``, default the file's stem). ``strict=False`` leaves keys that name no layer of
+        this model out with a warning instead of an UnsupportedLoRAError; wrong shapes and
+        non-finite values are always an error, and nothing changes on any error."""
+        loras = self._lora_adapters()
+        name = Path(path).stem if name is None else str(name)
+        if name in loras:
+            raise ValueError(f"a LoRA named {name!r} is loaded already; unload it or pass name=")
+        scale = _lora_scale(name, scale)
+        base = self._lora_base if loras else self.params
+        lora = read_lora(path, self.spec, base, strict=strict)
+        if not loras:
+            self._lora_base, self._lora_host = self.params, {}
+        loras[name] = (lora, scale)
+        self._merge_loras()
+        return name
+
+    def set_lora_scales(self, scales: Mapping[str, float]) -> None:
+        """New scales for loaded LoRAs ({name: scale}); the others keep theirs."""
+        loras = self._lora_adapters()
+        unknown = sorted(set(scales) - set(loras))
+        if unknown:
+            raise ValueError(f"no LoRA named {unknown} is loaded; loaded: {sorted(loras)}")
+        checked = {name: _lora_scale(name, scale) for name, scale in scales.items()}
+        for name, scale in checked.items():
+            loras[name] = (loras[name][0], scale)
+        self._merge_loras()
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Remove one LoRA (or all, the default); with none left the params are the original
+        arrays again (bit-exact)."""
+        loras = self._lora_adapters()
+        if name is not None and name not in loras:
+            raise ValueError(f"no LoRA named {name!r} is loaded; loaded: {sorted(loras)}")
+        for key in [name] if name is not None else list(loras):
+            del loras[key]
+        self._merge_loras()
+
+    @property
+    def loras(self) -> dict[str, float]:
+        """The loaded LoRAs' names and scales."""
+        return {name: scale for name, (_, scale) in self._lora_adapters().items()}
+
+    def _lora_adapters(self) -> dict:
+        if getattr(self, "_loras", None) is None:
+            self._loras = {}  # name -> (LoRA, scale), in loading order
+        return self._loras
+
+    def _merge_loras(self) -> None:
+        loras = self._lora_adapters()
+        if getattr(self, "_lora_base", None) is None:
+            return
+        if not loras:
+            self.params, self._lora_base, self._lora_host = self._lora_base, None, {}
+            return
+        base = flax.traverse_util.flatten_dict(self._lora_base)
+
+        def host_leaf(where):  # the base kernel on the host, fetched once
+            if where not in self._lora_host:
+                self._lora_host[where] = np.asarray(jax.device_get(base[where]))
+            return self._lora_host[where]
+
+        merged = merged_kernels(host_leaf, loras.values())
+        placed = {where: jax.device_put(v, base[where].sharding) for where, v in merged.items()}
+        self.params = replace_leaves(self._lora_base, placed)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -421,6 +496,13 @@ class LatentDiffusionPipeline:
         if output == "latent":
             return x0
         return pipeline_tasks.decode(spec, modules, params, task, inputs, x0)
+
+
+def _lora_scale(name: str, scale) -> float:
+    scale = float(scale)
+    if not np.isfinite(scale):
+        raise ValueError(f"the scale of LoRA {name!r} must be a finite number, got {scale}")
+    return scale
 
 
 def _pad(array, batch: int):

@@ -72,6 +72,6 @@ def base_config(trainer: str) -> ml_collections.ConfigDict:
     c.sample = ml_collections.ConfigDict(
         {"num_images": 0, "prompts": ("",), "class_labels": (0,), "steps": 25,
          "sampler": "ddim", "guidance": 1.0}
-    )
+    )  # sampler: any name of ldm_jax.sampler_options.SAMPLER_TABLE (README "Samplers") or alias
     c.distributed = distributed_config()
     return c

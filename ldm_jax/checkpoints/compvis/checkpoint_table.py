@@ -19,6 +19,8 @@ from ldm_jax.checkpoints.compvis.text import (
     CLIP_PREFIX,
     OPENCLIP_PREFIX,
     OPENCLIP_UNUSED,
+    SGM_EMBEDDERS_PREFIX,
+    SGM_OPENCLIP_UNUSED,
     compvis_cond_stage_table,
     sgm_conditioner_table,
 )
@@ -63,6 +65,8 @@ DIFFUSION_BUFFERS: dict[str, str] = {
     "lvlb_weights": "DDPM loss weights (a persistent buffer in early CompVis versions)",
     "logvar": "DDPM per-timestep log-variance of the loss (a parameter only if learn_logvar)",
     SCALE_FACTOR_KEY: "LatentDiffusion latent scale (buffer when scale_by_std); read by loaders",
+    # SGM DiscreteDenoiser buffer (SDXL files; A1111 also saves it): the sigmas of the schedule
+    "denoiser.sigmas": "SGM DiscreteDenoiser buffer (recomputed from DiffusionSpec)",
     EMA_PREFIX + "decay": "LitEma bookkeeping",
     EMA_PREFIX + "num_updates": "LitEma bookkeeping",
 }
@@ -76,6 +80,17 @@ COND_STAGE_BUFFERS: dict[str, str] = {
     **{
         COND_STAGE_PREFIX + OPENCLIP_PREFIX + name: "OpenCLIP tensor Stable Diffusion never uses"
         for name in OPENCLIP_UNUSED
+    },
+    # SGM (SDXL): embedder 0 = CLIP-L (base), or bigG (refiner); embedder 1 = bigG (base)
+    SGM_EMBEDDERS_PREFIX
+    + "0."
+    + CLIP_PREFIX
+    + TEXT_MODEL_PREFIX
+    + "embeddings.position_ids": "HF CLIPTextModel buffer saved by transformers < 4.31",
+    **{
+        f"{SGM_EMBEDDERS_PREFIX}{i}.{OPENCLIP_PREFIX}{name}": "OpenCLIP tensor SDXL never uses"
+        for i in (0, 1)
+        for name in SGM_OPENCLIP_UNUSED
     },
 }
 
