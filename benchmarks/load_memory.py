@@ -1,12 +1,14 @@
-"""Peak host memory (RSS) of `load_checkpoint` on a full-size Stable Diffusion 1.x file.
+"""Peak host memory (RSS) of `load_checkpoint` on a full-size Stable Diffusion 1.x or XL file.
 
-Writes a random fp32 CompVis-layout checkpoint with SD 1.5's shapes (UNet + VAE + CLIP text,
-1.07 B parameters, ~4.3 GB) to a temporary folder, as .safetensors (streamed, never all in memory)
-and, unless --formats says otherwise, as a Lightning-style .ckpt; then loads each in a fresh
-process, fp32 and bf16, and prints a table of peak RSS against the file size. The files are
-removed at the end. The issue's bar: loading needs no more than about two copies of the file.
+Writes a random checkpoint with the published shapes to a temporary folder — SD 1.5 (CompVis
+layout, UNet + VAE + CLIP text, 1.07 B parameters, fp32, ~4.3 GB) or SDXL base (SGM layout, UNet +
+VAE + both text encoders, 3.47 B parameters, fp16 as published, ~6.9 GB) — as .safetensors
+(streamed, never all in memory) and, unless --formats says otherwise, as a Lightning-style .ckpt;
+then loads each in a fresh process, in the stored dtype and into bf16, and prints a table of peak
+RSS against the file size. The files are removed at the end. Bars: about two copies of the file
+(SD 1.5), ~1.1x the file for an SDXL .safetensors.
 
-    python benchmarks/load_memory.py [--dir /tmp] [--formats safetensors,ckpt]
+    python benchmarks/load_memory.py [--model sd15|sdxl] [--dir /tmp] [--formats safetensors,ckpt]
 """
 
 import argparse
@@ -35,8 +37,18 @@ def sd15_spec():
     return ModelSpec(first_stage=SD_VAE, unet=UNET_PRESETS["sd-v1"], cond_stage=clip)
 
 
+def sdxl_spec():
+    from ldm_jax.presets.sdxl import sdxl_preset
+
+    return sdxl_preset("sdxl-base")
+
+
+MODELS = {"sd15": (sd15_spec, "F32"), "sdxl": (sdxl_spec, "F16")}  # spec, the published dtype
+
+
 def tensor_shapes(spec) -> dict[str, tuple[int, ...]]:
-    """PyTorch shapes of every key of the CompVis file of `spec`, without any parameters."""
+    """PyTorch shapes of every key of the CompVis/SGM file of `spec`, without any parameters
+    (a fused tensor, OpenCLIP's in_proj, stacks its parts' shapes along the first axis)."""
     from ldm_jax.checkpoints.compvis.checkpoint_table import compvis_checkpoint_table
     from ldm_jax.checkpoints.key_table import KeyMap, flatten_params
     from ldm_jax.models.factory import abstract_checkpoint_params
@@ -45,19 +57,24 @@ def tensor_shapes(spec) -> dict[str, tuple[int, ...]]:
     abstract = flatten_params(abstract_checkpoint_params(spec))
     shapes = {}
     for entry in table.entries:
-        if not isinstance(entry, KeyMap):
-            raise NotImplementedError("fused entries are not in SD 1.x files")
-        shapes[entry.torch_key] = entry.transform.torch_shape(abstract[entry.flax_path].shape)
+        if isinstance(entry, KeyMap):
+            shape = entry.transform.torch_shape(abstract[entry.flax_path].shape)
+        else:
+            parts = [entry.transform.torch_shape(abstract[p].shape) for p in entry.flax_paths]
+            shape = (sum(part[0] for part in parts), *parts[0][1:])
+        shapes[entry.torch_key] = shape
     return shapes
 
 
-def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Stream random fp32 tensors into a .safetensors file (header, then data in order)."""
+def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], dtype: str = "F32") -> None:
+    """Stream random tensors ("F32" or "F16") into a .safetensors file (header, then data)."""
+    numpy_dtype = {"F32": np.float32, "F16": np.float16}[dtype]
+    itemsize = np.dtype(numpy_dtype).itemsize
     header, offset = {}, 0
     for key, shape in shapes.items():
-        size = 4 * int(np.prod(shape))
+        size = itemsize * int(np.prod(shape))
         header[key] = {
-            "dtype": "F32",
+            "dtype": dtype,
             "shape": list(shape),
             "data_offsets": [offset, offset + size],
         }
@@ -68,7 +85,8 @@ def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(encoded)) + encoded)
         for shape in shapes.values():
-            f.write((0.02 * rng.standard_normal(shape, dtype=np.float32)).tobytes())
+            values = 0.02 * rng.standard_normal(shape, dtype=np.float32)
+            f.write(values.astype(numpy_dtype).tobytes())
 
 
 def write_ckpt(path: Path, source: Path) -> None:
@@ -86,7 +104,7 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def measure(path: str, dtype_name: str) -> None:
+def measure(path: str, dtype_name: str, model: str) -> None:
     """Child process: load once, print a JSON line of memory and time."""
     import jax
     import jax.numpy as jnp
@@ -95,7 +113,7 @@ def measure(path: str, dtype_name: str) -> None:
 
     jnp.zeros(1).block_until_ready()  # start the runtime before the baseline
     baseline = rss_bytes()
-    dtype = {"fp32": None, "bf16": jnp.bfloat16}[dtype_name]
+    dtype = {"stored": None, "bf16": jnp.bfloat16}[dtype_name]
     start = time.perf_counter()
     checkpoint = load_checkpoint(path, dtype=dtype)
     jax.block_until_ready(checkpoint.params)
@@ -107,7 +125,7 @@ def measure(path: str, dtype_name: str) -> None:
         final=rss_bytes(),
         params=sum(leaf.nbytes for leaf in leaves),
         seconds=seconds,
-        spec_ok=checkpoint.spec == sd15_spec(),
+        spec_ok=checkpoint.spec.unet == MODELS[model][0]().unet,
     )
     print(json.dumps(result))
 
@@ -116,24 +134,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", default=tempfile.gettempdir())
     parser.add_argument("--formats", default="safetensors,ckpt")
-    parser.add_argument("--measure", nargs=2, metavar=("PATH", "DTYPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--model", choices=tuple(MODELS), default="sd15")
+    parser.add_argument("--measure", nargs=3, metavar=("PATH", "DTYPE", "MODEL"),
+                        help=argparse.SUPPRESS)  # fmt: skip
     args = parser.parse_args()
     if args.measure:
         return measure(*args.measure)
 
+    make_spec, stored = MODELS[args.model]
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        shapes = tensor_shapes(sd15_spec())
-        source = Path(tmp) / "sd15-random.safetensors"
+        shapes = tensor_shapes(make_spec())
+        source = Path(tmp) / f"{args.model}-random.safetensors"
         start = time.perf_counter()
-        write_safetensors(source, shapes)
+        write_safetensors(source, shapes, stored)
         files = {"safetensors": source}
         if "ckpt" in args.formats:
-            files["ckpt"] = Path(tmp) / "sd15-random.ckpt"
+            files["ckpt"] = Path(tmp) / f"{args.model}-random.ckpt"
             write_ckpt(files["ckpt"], source)
         if "safetensors" not in args.formats:
             files.pop("safetensors")
         count = sum(int(np.prod(s)) for s in shapes.values())
-        print(f"wrote {count:,} fp32 parameters in {time.perf_counter() - start:.0f} s\n")
+        print(f"wrote {count:,} {stored} parameters in {time.perf_counter() - start:.0f} s\n")
         print(
             "| file | load dtype | file GB | params GB | peak RSS GB | peak - baseline GB |"
             " (peak - baseline) / file | load s | spec detected |"
@@ -141,10 +162,10 @@ def main() -> None:
         print("|---|---|---|---|---|---|---|---|---|")
         for name, path in files.items():
             size = path.stat().st_size
-            for dtype in ("fp32", "bf16"):
+            for dtype in ("stored", "bf16"):
                 out = (
                     subprocess.run(
-                        [sys.executable, __file__, "--measure", str(path), dtype],
+                        [sys.executable, __file__, "--measure", str(path), dtype, args.model],
                         check=True,
                         capture_output=True,
                         text=True,

@@ -2,6 +2,7 @@
 error (naming the key) for files that do not fit, with the params left untouched."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -77,6 +78,29 @@ def test_other_spellings_and_ckpt_give_the_same_merge(setup, tmp_path):
     text_merged = _merged(pipe, _write(tmp_path / "text.safetensors", peft_text))
     layer = ("cond_stage", "layers_1", "fc2", "kernel")
     np.testing.assert_array_equal(text_merged[layer], reference[layer])
+    # 1x1 conv layers (SD 1.x proj_in) from linear-shaped factors
+    squeezed = _tensors(root / "kohya.safetensors")
+    proj = kohya_name("unet", "mid_block.attentions.0.proj_in")
+    for role in ("down", "up"):
+        squeezed[f"{proj}.lora_{role}.weight"] = squeezed[f"{proj}.lora_{role}.weight"][..., 0, 0]
+    squeezed_merged = _merged(pipe, _write(tmp_path / "squeezed.safetensors", squeezed))
+    layer = ("unet", "middle_attn", "proj_in", "kernel")
+    assert not np.array_equal(reference[layer], _params(pipe)[layer])
+    np.testing.assert_array_equal(squeezed_merged[layer], reference[layer])
+
+
+def test_bfloat16_params_stay_bfloat16(setup):
+    root, _, pipe = setup
+    reference = _merged(pipe, root / "kohya.safetensors")
+    low = LatentDiffusionPipeline.from_pretrained(root / "base", dtype=jnp.bfloat16)
+    low.load_lora(root / "kohya.safetensors")
+    merged = _params(low)
+    for layer in (
+        ("unet", "middle_attn", "proj_in", "kernel"),
+        ("cond_stage", "layers_0", "attn", "q", "kernel"),
+    ):
+        assert merged[layer].dtype == jnp.bfloat16
+        np.testing.assert_allclose(merged[layer].astype(np.float32), reference[layer], atol=2e-2)
 
 
 def test_several_adapters_add_and_unload_bit_exactly(setup, tmp_path):
@@ -181,10 +205,41 @@ def test_bad_files_name_the_key(setup, tmp_path, case, match):
     _raises(pipe, path, match)
 
 
-def test_unsupported_models_and_files(setup, tmp_path):
+def test_sdxl_names_and_unreadable_files(setup, tmp_path):
     _, _, pipe = setup
-    with pytest.raises(UnsupportedLoRAError, match="SDXL"):
-        lora_targets(TINY_SDXL)
+    sdxl = lora_targets(TINY_SDXL)  # both encoders, both spellings (parity: test_lora_sdxl.py)
+    te2 = sdxl["lora_te2_text_model_encoder_layers_2_mlp_fc1"]
+    assert te2.flax_path == ("encoder_1", "layers_2", "fc1", "kernel")
+    assert sdxl["text_encoder_2.encoder.layers.2.mlp.fc1"] is te2
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     _raises(pipe, tmp_path / "junk.safetensors", "cannot read LoRA file")
     _raises(pipe, tmp_path / "absent.safetensors", "does not exist")
+
+
+# kohya's CompVis (SGM) spelling of UNet modules <-> the diffusers one, for the tiny UNet
+COMPVIS_NAMES = {
+    "input_blocks_1_1_transformer_blocks_0_attn1_to_q": ATTN.replace(".", "_"),
+    "input_blocks_1_0_in_layers_2": CONV.replace(".", "_"),
+    "input_blocks_2_0_op": "down_blocks_0_downsamplers_0_conv",
+    "input_blocks_3_0_skip_connection": "down_blocks_1_resnets_0_conv_shortcut",
+    "middle_block_1_proj_in": "mid_block_attentions_0_proj_in",
+    "output_blocks_1_1_conv": "up_blocks_0_upsamplers_0_conv",
+    "output_blocks_0_0_emb_layers_1": "up_blocks_0_resnets_0_time_emb_proj",
+    "output_blocks_3_1_transformer_blocks_0_ff_net_2": (
+        "up_blocks_1_attentions_1_transformer_blocks_0_ff_net_2"
+    ),
+}
+
+
+def test_compvis_module_names(setup, tmp_path):
+    root, _, pipe = setup
+    tensors = _tensors(root / "kohya.safetensors")
+    reference = _merged(pipe, root / "kohya.safetensors")
+    renamed = dict(tensors)
+    for compvis, diffusers_name in COMPVIS_NAMES.items():
+        for suffix in (".lora_down.weight", ".lora_up.weight", ".alpha"):
+            renamed[f"lora_unet_{compvis}{suffix}"] = renamed.pop(
+                f"lora_unet_{diffusers_name}{suffix}"
+            )
+    merged = _merged(pipe, _write(tmp_path / "compvis.safetensors", renamed))
+    assert all(np.array_equal(merged[k], reference[k]) for k in reference)

@@ -127,3 +127,32 @@ def test_incomplete_sgm_conditioner_fails_clearly(exported, tmp_path):
     safetensors.numpy.save_file(tensors, str(bad), metadata={"format": "pt"})
     with pytest.raises(ArchitectureError, match="text_projection"):
         load_checkpoint(bad)
+
+
+class _Shaped:
+    def __init__(self, shape):
+        self.shape = shape
+
+
+@pytest.mark.parametrize("name", ["sdxl-base", "sdxl-refiner"])
+def test_full_size_files_are_detected_as_the_presets(name):
+    """The published SGM files' key shapes (from the exact table, no weights) give back the preset
+    spec, including the depth of the levels without attention (diffusers' (1, 2, 10) / 4)."""
+    from ldm_jax.checkpoints.compvis.checkpoint_table import compvis_checkpoint_table
+    from ldm_jax.checkpoints.compvis.detect import first_stage_from_keys, sdxl_from_keys
+    from ldm_jax.checkpoints.key_table import KeyMap, flatten_params
+    from ldm_jax.models.factory import abstract_checkpoint_params
+    from ldm_jax.presets.sdxl import sdxl_preset
+
+    spec = sdxl_preset(name)
+    abstract = flatten_params(abstract_checkpoint_params(spec))
+    state = {}
+    for entry in compvis_checkpoint_table(spec).entries:
+        if isinstance(entry, KeyMap):
+            shape = entry.transform.torch_shape(abstract[entry.flax_path].shape)
+        else:  # OpenCLIP's fused in_proj: the parts stacked on the first axis
+            parts = [entry.transform.torch_shape(abstract[p].shape) for p in entry.flax_paths]
+            shape = (sum(part[0] for part in parts), *parts[0][1:])
+        state[entry.torch_key] = _Shaped(shape)
+    detected = sdxl_from_keys(state, first_stage_from_keys(state, "first_stage_model."))
+    assert detected.unet == spec.unet and detected.cond_stage == spec.cond_stage

@@ -77,16 +77,26 @@ def resize_short_side(image_HWC: np.ndarray, short_side: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image_HWC).resize(size, Image.Resampling.BICUBIC))
 
 
+def random_crop_box(height: int, width: int, size, rng: np.random.Generator) -> tuple[int, int]:
+    """(top, left) of a random crop of `size` ((h, w) or a square side)."""
+    crop_h, crop_w = (size, size) if isinstance(size, int) else size
+    top = int(rng.integers(0, height - crop_h + 1))
+    left = int(rng.integers(0, width - crop_w + 1))
+    return top, left
+
+
+def center_crop_box(height: int, width: int, size) -> tuple[int, int]:
+    crop_h, crop_w = (size, size) if isinstance(size, int) else size
+    return (height - crop_h) // 2, (width - crop_w) // 2
+
+
 def random_crop(image_HWC: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    height, width = image_HWC.shape[:2]
-    top = int(rng.integers(0, height - size + 1))
-    left = int(rng.integers(0, width - size + 1))
+    top, left = random_crop_box(*image_HWC.shape[:2], size, rng)
     return image_HWC[top : top + size, left : left + size]
 
 
 def center_crop(image_HWC: np.ndarray, size: int) -> np.ndarray:
-    height, width = image_HWC.shape[:2]
-    top, left = (height - size) // 2, (width - size) // 2
+    top, left = center_crop_box(*image_HWC.shape[:2], size)
     return image_HWC[top : top + size, left : left + size]
 
 
@@ -97,17 +107,52 @@ def to_float(image_HWC: np.ndarray) -> np.ndarray:
 
 def augment(image, config: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
     """One example: uint8 image (any size) -> float32 [S, S, 3] in [-1, 1]."""
+    return augment_with_crop(image, config, rng)[0]
+
+
+def augment_with_crop(image, config: AugmentConfig, rng: np.random.Generator):
+    """`augment`, plus SDXL's micro-conditioning of the example: (image, original_size (h, w) of
+    the source image, crop_top_left (top, left) of the crop in the resized image, counted from the
+    left edge of the image as flipped)."""
     image_HWC = as_rgb_uint8(image)
+    original = image_HWC.shape[:2]
     # Drawn in a fixed order whether or not each step is enabled, so toggling one option does not
     # change the others' draws.
     scale = rng.uniform(config.min_scale, config.max_scale)
     flip = rng.random() < 0.5
     short_side = max(config.image_size, round(config.image_size * scale))
     image_HWC = resize_short_side(image_HWC, short_side)
-    if config.crop == "random":
-        image_HWC = random_crop(image_HWC, config.image_size, rng)
+    size = config.image_size
+    return _crop_and_flip(image_HWC, (size, size), config.crop, config.flip and flip, rng,
+                          original)
+
+
+def augment_to_bucket(image, bucket, crop: str, flip: bool, rng: np.random.Generator):
+    """One example into an aspect-ratio bucket (h, w): the smallest resize that covers it, a
+    `crop` ("random" | "center") of the bucket's shape, a flip with probability 0.5 if `flip`.
+    Returns (float32 [h, w, 3], original_size, crop_top_left) as `augment_with_crop`."""
+    from ldm_jax.data.buckets import cover_size  # noqa: PLC0415 - buckets imports errors only
+
+    image_HWC = as_rgb_uint8(image)
+    original = image_HWC.shape[:2]
+    flipped = rng.random() < 0.5
+    height, width = cover_size(*original, bucket)
+    if (height, width) != original:
+        image_HWC = np.asarray(
+            Image.fromarray(image_HWC).resize((width, height), Image.Resampling.BICUBIC)
+        )
+    return _crop_and_flip(image_HWC, tuple(bucket), crop, flip and flipped, rng, original)
+
+
+def _crop_and_flip(image_HWC, size_hw, crop, flip, rng, original):
+    height, width = image_HWC.shape[:2]
+    if crop == "random":
+        top, left = random_crop_box(height, width, size_hw, rng)
     else:
-        image_HWC = center_crop(image_HWC, config.image_size)
-    if config.flip and flip:
+        top, left = center_crop_box(height, width, size_hw)
+    image_HWC = image_HWC[top : top + size_hw[0], left : left + size_hw[1]]
+    if flip:  # the same crop, seen in the mirrored image
         image_HWC = image_HWC[:, ::-1]
-    return to_float(image_HWC)
+        left = width - left - size_hw[1]
+    info = np.asarray(original, np.int32), np.asarray((top, left), np.int32)
+    return (to_float(image_HWC), *info)

@@ -29,6 +29,7 @@ def sample(
     use_karras_sigmas: bool = False,
     init_noise: str = "sigma_max",
     first_step: int = 0,
+    last_step: int | None = None,
     callback=None,
 ):
     """Run Euler from x_T (unit noise) over float ``timesteps`` (decreasing); returns x_0.
@@ -39,7 +40,8 @@ def sample(
     del rng
     kind = canonical_prediction_type(prediction_type)
     t_N, sigma_N1 = sigmas.sampling_sigmas(
-        schedule, timesteps, use_karras_sigmas=use_karras_sigmas, first_step=first_step
+        schedule, timesteps, use_karras_sigmas=use_karras_sigmas, first_step=first_step,
+        last_step=last_step,
     )
     x = sigmas.initial_sample(_common.check_x(x_T), sigma_N1, init_noise)
 

@@ -31,6 +31,7 @@ def sample(
     use_karras_sigmas: bool = False,
     init_noise: str = "sigma_max",
     first_step: int = 0,
+    last_step: int | None = None,
     callback=None,
 ):
     """Run Euler ancestral from x_T (unit noise) over float ``timesteps``; returns x_0.
@@ -40,7 +41,8 @@ def sample(
     """
     kind = canonical_prediction_type(prediction_type)
     t_N, sigma_N1 = sigmas.sampling_sigmas(
-        schedule, timesteps, use_karras_sigmas=use_karras_sigmas, first_step=first_step
+        schedule, timesteps, use_karras_sigmas=use_karras_sigmas, first_step=first_step,
+        last_step=last_step,
     )
     x = sigmas.initial_sample(_common.check_x(x_T), sigma_N1, init_noise)
     N = t_N.shape[0]

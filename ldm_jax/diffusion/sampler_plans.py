@@ -114,8 +114,9 @@ def _plan_sigmas(plan: SamplerPlan, schedule, timesteps, prev_timesteps):
     karras, first = options.get("use_karras_sigmas", False), options.get("first_step", 0)
     if plan.module in SIGMA_MODULES:
         t_N, sigma_N1 = sigmas.sampling_sigmas(
-            schedule, timesteps, use_karras_sigmas=karras, first_step=first
-        )
+            schedule, timesteps, use_karras_sigmas=karras, first_step=first,
+            last_step=options.get("last_step"),
+        )  # fmt: skip
         return t_N, sigma_N1[:-1]
     if plan.module in MULTISTEP_MODULES:
         t_N, sigma_N, _ = step_sigmas(schedule, timesteps, prev_timesteps, karras, first)
@@ -142,3 +143,63 @@ def visited_timesteps(plan: SamplerPlan, schedule) -> np.ndarray:
     if plan.module == "plms" and t_N.shape[0] >= 2:
         return np.concatenate([t_N[:2], t_N[1:]])
     return t_N
+
+
+# --- SDXL's base -> refiner hand-off (diffusers ``denoising_end`` / ``denoising_start``)
+WINDOW_MODULES = ("ddim", "ddpm", "euler", "euler_ancestral")  # one network call per step
+
+
+def cutoff_timestep(fraction: float, num_train_timesteps: int) -> int:
+    """diffusers' ``discrete_timestep_cutoff``: round(T - fraction * T)."""
+    fraction = float(fraction)
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"denoising_start / denoising_end must be in (0, 1), got {fraction}")
+    T = int(num_train_timesteps)
+    return int(round(T - fraction * T))
+
+
+def denoising_window(
+    plan: SamplerPlan, schedule, num_train_timesteps: int, start=None, end=None
+) -> SamplerPlan:
+    """The plan (of all N steps) run from ``start`` to ``end``, fractions of the noise schedule as
+    diffusers' SDXL pipelines cut it: ``denoising_end`` keeps the steps whose timestep is >=
+    the cutoff (base, ``StableDiffusionXLPipeline``), ``denoising_start`` the steps < its cutoff
+    (refiner, ``StableDiffusionXLImg2ImgPipeline.get_timesteps``). Stopping early leaves the
+    latents at the next step's noise level, in the sampler's own space (sigma space for Euler),
+    which is where a ``start`` run with the same sampler and steps picks them up."""
+    if start is None and end is None:
+        return plan
+    if plan.module not in WINDOW_MODULES:
+        raise ValueError(
+            f"denoising_start / denoising_end need one of the samplers {WINDOW_MODULES} "
+            f"(not {plan.name}): multistep and second-order solvers have no clean cut"
+        )
+    if dict(plan.options).get("first_step", 0):
+        raise ValueError("denoising_window takes the plan of all N steps (first_step 0)")
+    t_N = np.asarray(visited_timesteps(plan, schedule))
+    N, T = t_N.shape[0], num_train_timesteps
+    first = 0 if start is None else N - int((t_N < cutoff_timestep(start, T)).sum())
+    last = N if end is None else int((t_N >= cutoff_timestep(end, T)).sum())
+    if start is not None and end is not None and float(start) >= float(end):
+        raise ValueError(f"denoising_start {start} must be below denoising_end {end}")
+    if not first < last:
+        raise ValueError(
+            f"denoising_start={start} / denoising_end={end} leave none of the {N} steps "
+            f"(timesteps {t_N.round(1).tolist()}): change them or num_inference_steps"
+        )
+    if plan.module in INTEGER_MODULES:
+        prev = None if plan.prev_timesteps is None else plan.prev_timesteps[first:last]
+        return dataclasses.replace(plan, timesteps=plan.timesteps[first:last], prev_timesteps=prev)
+    options = dict(plan.options) | {"first_step": first}
+    if last < N:
+        options["last_step"] = last
+    return dataclasses.replace(plan, options=tuple(sorted(options.items())))
+
+
+def start_from_latents(plan: SamplerPlan, schedule, timesteps, prev_timesteps, latents):
+    """x_T for a sampler that continues from ``latents`` of the same sampler (traceable): the
+    sigma samplers scale x_T by sqrt(sigma^2 + 1) at the first step (init_noise "vp"), so the
+    latents, already in sigma space, are divided by it here; the others take them as they are."""
+    if plan.module in SIGMA_MODULES:
+        return latents * jnp.sqrt(start_abar(plan, schedule, timesteps, prev_timesteps))
+    return latents

@@ -78,14 +78,16 @@ def sigma_to_t(sigma_N: jax.Array, log_sigmas_T: jax.Array) -> jax.Array:
 
 
 def sampling_sigmas(
-    schedule: NoiseSchedule, timesteps, *, use_karras_sigmas: bool = False, first_step: int = 0
+    schedule: NoiseSchedule, timesteps, *, use_karras_sigmas: bool = False, first_step: int = 0,
+    last_step: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """(t_N, sigmas_{N+1}): the float timesteps the denoiser sees and the sigmas, 0 appended.
 
     ``timesteps`` are diffusers' (float, decreasing, e.g. ``linspace(0, T - 1, N)``: pass the
     fractional values for parity); with ``use_karras_sigmas`` they only fix sigma_max / sigma_min.
     ``first_step`` drops the steps before it (image-to-image: diffusers' ``set_begin_index``),
-    after the sigmas of all N steps are made, as Karras sigmas depend on N.
+    after the sigmas of all N steps are made, as Karras sigmas depend on N. ``last_step``
+    (exclusive) stops there, at that step's sigma instead of 0 (SDXL's ``denoising_end``).
     """
     t_N = jnp.asarray(timesteps, jnp.float32)
     if t_N.ndim != 1 or t_N.shape[0] < 1:
@@ -94,8 +96,13 @@ def sampling_sigmas(
     if use_karras_sigmas:
         sigma_N = karras_sigmas(sigma_N[0], sigma_N[-1], t_N.shape[0])
         t_N = sigma_to_t(sigma_N, jnp.log(schedule_sigmas(schedule))).astype(jnp.float32)
-    check_first_step(first_step, t_N.shape[0])
-    return t_N[first_step:], jnp.concatenate([sigma_N, jnp.zeros((1,), jnp.float32)])[first_step:]
+    N = t_N.shape[0]
+    check_first_step(first_step, N)
+    last = N if last_step is None else last_step
+    if not isinstance(last, int) or not first_step < last <= N:
+        raise ValueError(f"last_step must be an int in [{first_step + 1}, {N}], got {last_step!r}")
+    sigma_N1 = jnp.concatenate([sigma_N, jnp.zeros((1,), jnp.float32)])
+    return t_N[first_step:last], sigma_N1[first_step : last + 1]
 
 
 def check_first_step(first_step: int, num_steps: int) -> None:

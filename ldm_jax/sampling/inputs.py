@@ -156,11 +156,15 @@ def latent_size(spec, height: int | None, width: int | None) -> tuple[int, int]:
 # --- the pipeline call's inputs (host arrays), checked against the checkpoint's task
 def condition_inputs(
     task: Task, spec, tokenizer, prompt, negative_prompt, class_labels, batch_size, scale,
-    prompt_embeds=None, negative_prompt_embeds=None,
+    prompt_embeds=None, negative_prompt_embeds=None, prompt_2=None, negative_prompt_2=None,
 ):  # fmt: skip
     """(host arrays, guided) for the model's conditioning: {"ids" or "context", "neg_ids" or
-    "neg_context"} (text) or {"labels"} (class)."""
+    "neg_context"} (text; SDXL: see `sdxl_text_inputs`) or {"labels"} (class)."""
     kind = task.conditioning
+    sdxl = spec.cond_stage is not None and spec.cond_stage.kind == "sdxl"
+    for name, value in (("prompt_2", prompt_2), ("negative_prompt_2", negative_prompt_2)):
+        if value is not None and not sdxl:
+            raise ValueError(f"{name} applies to SDXL checkpoints (two text encoders) only")
     wanted = {"text": "prompt", "class": "class_labels"}.get(kind)
     given = {"prompt": prompt, "prompt_embeds": prompt_embeds,
              "negative_prompt_embeds": negative_prompt_embeds, "class_labels": class_labels}
@@ -191,6 +195,11 @@ def condition_inputs(
     if kind != "text":
         return {}, False
     guided = float(scale) > 1.0
+    if sdxl:
+        if prompt_embeds is not None or negative_prompt_embeds is not None:
+            raise ValueError("prompt_embeds are not supported for SDXL checkpoints: pass prompt")
+        texts = (prompt, negative_prompt, prompt_2, negative_prompt_2)
+        return sdxl_text_inputs(spec, tokenizer, *texts, guided=guided), guided
     inputs = {}
     if prompt_embeds is not None:
         if prompt is not None:
@@ -232,6 +241,117 @@ def condition_inputs(
     return inputs, guided
 
 
+def _per_prompt(texts, batch: int, name: str) -> list[str]:
+    """One text per prompt: a string serves them all, a list must have one entry each."""
+    items = [texts] * batch if isinstance(texts, str) else _text_list(texts, name)
+    if len(items) != batch:
+        raise ValueError(f"{name} has {len(items)} entries but prompt has {batch}")
+    return items
+
+
+def sdxl_text_inputs(spec, tokenizer, prompt, negative_prompt=None, prompt_2=None,
+                     negative_prompt_2=None, *, guided: bool) -> dict:  # fmt: skip
+    """SDXL's text inputs as diffusers' encode_prompt reads them: "ids" [B, encoders, T] (the
+    encoders' tokenizers zipped with [prompt, prompt_2]: the refiner's one encoder reads
+    ``prompt``; ``prompt_2`` defaults to ``prompt``), guided also "neg_ids" and "neg_keep" [B]:
+    0 where the spec's ``force_zeros_for_empty_prompt`` and ``negative_prompt=None`` make the
+    negative context and pooled embedding zeros (an explicit "" is encoded)."""
+    if prompt is None:
+        raise ValueError("this SDXL checkpoint needs prompt")
+    prompts = _text_list(prompt, "prompt")
+    batch = len(prompts)
+    second = prompts if prompt_2 is None else _per_prompt(prompt_2, batch, "prompt_2")
+    inputs = {"ids": _sdxl_ids(tokenizer, [prompts, second])}
+    if not guided:
+        return inputs
+    negatives = [""] * batch if negative_prompt is None else _per_prompt(
+        negative_prompt, batch, "negative_prompt"
+    )  # fmt: skip
+    negatives_2 = negatives if negative_prompt_2 is None else _per_prompt(
+        negative_prompt_2, batch, "negative_prompt_2"
+    )  # fmt: skip
+    zeros = negative_prompt is None and spec.cond_stage.config.force_zeros_for_empty_prompt
+    inputs["neg_ids"] = _sdxl_ids(tokenizer, [negatives, negatives_2])
+    inputs["neg_keep"] = np.full((batch,), 0.0 if zeros else 1.0, np.float32)
+    return inputs
+
+
+def _sdxl_ids(tokenizer, texts) -> np.ndarray:
+    """int32 [B, encoders, T]: each tokenizer of SDXLTokenizers on its own texts."""
+    tokenizers = tokenizer.tokenizers
+    ids = [np.asarray(tok(t), np.int32) for tok, t in zip(tokenizers, texts, strict=False)]
+    return np.stack(ids, axis=1)
+
+
+SDXL_MICRO = {  # pipeline argument -> (time id, whether it is the negative's)
+    "original_size": ("original_size", False),
+    "crops_coords_top_left": ("crop_coords_top_left", False),
+    "target_size": ("target_size", False),
+    "aesthetic_score": ("aesthetic_score", False),
+    "negative_original_size": ("original_size", True),
+    "negative_crops_coords_top_left": ("crop_coords_top_left", True),
+    "negative_target_size": ("target_size", True),
+    "negative_aesthetic_score": ("aesthetic_score", True),
+}
+
+
+def sdxl_time_inputs(spec, batch: int, height: int, width: int, guided: bool, micro) -> dict:
+    """SDXL's micro-conditioning as diffusers' pipelines build it: {"time_ids" [B, N], guided
+    also "neg_time_ids"} in the spec's time id order, from the pipeline arguments ``micro`` (names
+    of SDXL_MICRO; None = default). Defaults: sizes (height, width) of the output, crop (0, 0),
+    aesthetic score 6.0 / negative 2.5. The negative's ids: base (StableDiffusionXLPipeline) the
+    positive's unless negative_original_size AND negative_target_size are given; refiner
+    (StableDiffusionXLImg2ImgPipeline, aesthetic score) negative_original_size defaults to
+    original_size, its crop to (0, 0)."""
+    given = {name: value for name, value in micro.items() if value is not None}
+    sdxl = spec.cond_stage is not None and spec.cond_stage.kind == "sdxl"
+    if not sdxl:
+        if given:
+            raise ValueError(f"{sorted(given)} apply to SDXL checkpoints only")
+        return {}
+    names = spec.cond_stage.config.time_ids
+    for name in given:
+        if SDXL_MICRO[name][0] not in names:
+            raise ValueError(f"{name} does not apply: this SDXL checkpoint's time ids are {names}")
+    values = {name: _micro_value(name, value) for name, value in given.items()}
+    size = (float(height), float(width))
+    pos = {
+        "original_size": values.get("original_size", size),
+        "crop_coords_top_left": values.get("crops_coords_top_left", (0.0, 0.0)),
+        "target_size": values.get("target_size", size),
+        "aesthetic_score": values.get("aesthetic_score", (6.0,)),
+    }
+    crop = values.get("negative_crops_coords_top_left", (0.0, 0.0))
+    if "aesthetic_score" in names:
+        neg = {
+            "original_size": values.get("negative_original_size", pos["original_size"]),
+            "crop_coords_top_left": crop,
+            "aesthetic_score": values.get("negative_aesthetic_score", (2.5,)),
+        }
+    elif "negative_original_size" in values and "negative_target_size" in values:
+        neg = {"original_size": values["negative_original_size"], "crop_coords_top_left": crop,
+               "target_size": values["negative_target_size"]}  # fmt: skip
+    else:
+        neg = pos
+
+    def row(ids):
+        return np.tile(np.asarray([v for n in names for v in ids[n]], np.float32), (batch, 1))
+
+    inputs = {"time_ids": row(pos)}
+    if guided:
+        inputs["neg_time_ids"] = row(neg)
+    return inputs
+
+
+def _micro_value(name: str, value) -> tuple[float, ...]:
+    array = np.asarray(value, np.float64).reshape(-1)
+    want = 1 if name.endswith("aesthetic_score") else 2
+    if array.size != want or not np.isfinite(array).all():
+        kind = "a number" if want == 1 else "a (height, width) / (top, left) pair of numbers"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    return tuple(float(v) for v in array)
+
+
 def embeds_batch(spec, embeds, name: str) -> np.ndarray:
     """float32 [B, S, D] text-encoder outputs, D the UNet's context width, all finite."""
     array = np.asarray(embeds)
@@ -259,10 +379,14 @@ def check_clip_skip(spec, clip_skip) -> int:
     if clip_skip is None:
         return 0
     cond = spec.cond_stage
-    if cond is None or cond.kind not in CLIP_TEXT_CONDITIONINGS:
+    if cond is not None and cond.kind == "sdxl":  # every encoder skips as many: the shortest
+        encoders = cond.config.text_encoders
+        layers = min(e.num_layers - e.skip_last_layers for e in encoders)
+    elif cond is None or cond.kind not in CLIP_TEXT_CONDITIONINGS:
         kind = None if cond is None else cond.kind
         raise ValueError(f"clip_skip needs a CLIP or OpenCLIP text encoder (this one: {kind})")
-    layers = cond.config.num_layers - cond.config.skip_last_layers
+    else:
+        layers = cond.config.num_layers - cond.config.skip_last_layers
     if isinstance(clip_skip, bool) or not isinstance(clip_skip, int | np.integer) or not (
         0 <= clip_skip < layers
     ):

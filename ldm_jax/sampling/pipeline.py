@@ -130,7 +130,9 @@ class LatentDiffusionPipeline:
         self._batch = 0  # the current call's batch before padding
         self._generate = jax.jit(
             self._generate_fn,
-            static_argnames=("plan", "eta", "guided", "output", "with_callback", "from_image"),
+            static_argnames=(
+                "plan", "eta", "guided", "output", "with_callback", "from_image", "from_latents"
+            ),
             compiler_options=compiler_options(),
         )
 
@@ -283,6 +285,18 @@ class LatentDiffusionPipeline:
         strength: float | None = None,
         mask_image=None,
         low_res_image=None,
+        prompt_2: str | Sequence[str] | None = None,
+        negative_prompt_2: str | Sequence[str] | None = None,
+        original_size=None,
+        crops_coords_top_left=None,
+        target_size=None,
+        negative_original_size=None,
+        negative_crops_coords_top_left=None,
+        negative_target_size=None,
+        aesthetic_score: float | None = None,
+        negative_aesthetic_score: float | None = None,
+        denoising_start: float | None = None,
+        denoising_end: float | None = None,
     ) -> PipelineOutput:
         """Sample; returns a ``PipelineOutput`` (``.images`` per ``output_type``, ``.seeds``).
 
@@ -314,6 +328,20 @@ class LatentDiffusionPipeline:
         h = H / vae factor) are the initial noise x_T (image-to-image: the noise added to the
         image latents).
 
+        SDXL (base and refiner, diffusers' StableDiffusionXLPipeline / Img2ImgPipeline
+        semantics): ``prompt_2`` / ``negative_prompt_2`` go to the second text encoder (default:
+        ``prompt`` / ``negative_prompt``); with the spec's ``force_zeros_for_empty_prompt`` (base)
+        ``negative_prompt=None`` gives zero negative embeddings, ``""`` is encoded. The
+        micro-conditioning (traced: new values never recompile) ``original_size``,
+        ``crops_coords_top_left``, ``target_size`` ((height, width) / (top, left); default the
+        output size, (0, 0), the output size), ``aesthetic_score`` (refiner, 6.0) and the
+        ``negative_*`` ones (see ``inputs.sdxl_time_inputs``). Base -> refiner hand-off:
+        ``denoising_end`` in (0, 1) stops once the timesteps fall below (1 - denoising_end) T
+        (with ``output_type="latent"`` the latents come back in the sampler's own space);
+        ``denoising_start`` continues such latents, given as ``image`` [B, h, w, C] (NHWC),
+        from that point (``strength`` is then ignored, as in diffusers). Both need the ddim,
+        ddpm, euler or euler_ancestral sampler, and both calls the same sampler and steps.
+
         ``callback_on_step_end(step, timestep, latents)`` runs on the host after every sampler
         iteration (``sampler_iterations`` of them; ``timestep`` the network's, a float for the
         Karras samplers; latents a numpy array, in the sampler's own space).
@@ -339,6 +367,7 @@ class LatentDiffusionPipeline:
         inputs, guided = pipeline_inputs.condition_inputs(
             self.task, self.spec, self.tokenizer, prompt, negative_prompt, class_labels,
             batch_size, guidance_scale, prompt_embeds, negative_prompt_embeds,
+            prompt_2=prompt_2, negative_prompt_2=negative_prompt_2,
         )  # fmt: skip
         if inputs:
             batch = next(iter(inputs.values())).shape[0]
@@ -348,10 +377,26 @@ class LatentDiffusionPipeline:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         inputs = {key: np.repeat(value, per_prompt, axis=0) for key, value in inputs.items()}
         batch *= per_prompt
+        start_latents = None
+        if denoising_start is not None:  # continue given latents: no image to encode
+            start_latents = self._start_latents(image, batch, height, width)
+            image, strength = None, None
+            height, width = (n * self.vae_scale_factor for n in start_latents.shape[1:3])
         h, w, image_inputs = pipeline_inputs.image_inputs(
             self.task, self.spec, batch, height, width, image, strength, mask_image, low_res_image
         )
         inputs |= image_inputs
+        if start_latents is not None:
+            inputs["start"] = start_latents
+        f = self.vae_scale_factor
+        micro = dict(
+            original_size=original_size, crops_coords_top_left=crops_coords_top_left,
+            target_size=target_size, negative_original_size=negative_original_size,
+            negative_crops_coords_top_left=negative_crops_coords_top_left,
+            negative_target_size=negative_target_size, aesthetic_score=aesthetic_score,
+            negative_aesthetic_score=negative_aesthetic_score,
+        )  # fmt: skip
+        inputs |= pipeline_inputs.sdxl_time_inputs(self.spec, batch, h * f, w * f, guided, micro)
         shape = (batch, h, w, self.spec.unet.out_channels)
         if latents is not None:
             latents = np.asarray(latents, np.float32)
@@ -367,7 +412,12 @@ class LatentDiffusionPipeline:
         if strength is not None:  # img2img, or SD inpainting starting from the noised image
             first_step = pipeline_inputs.strength_slice(steps, strength)
             from_image = from_image or float(strength) < 1.0  # diffusers: 1 = pure noise
-        plan = self._plan(sampler, steps, first_step, from_image)
+        plan = self._plan(sampler, steps, first_step, from_image or start_latents is not None)
+        if denoising_start is not None or denoising_end is not None:
+            plan = sampler_plans.denoising_window(
+                plan, self.schedule, self.schedule.num_train_timesteps, denoising_start,
+                denoising_end,
+            )  # fmt: skip
 
         padded = self._padded_batch(batch)
         inputs = {key: _pad(value, padded) for key, value in inputs.items()}
@@ -404,6 +454,7 @@ class LatentDiffusionPipeline:
                 output="latent" if output_type == "latent" else "float",
                 with_callback=callback is not None,
                 from_image=from_image,
+                from_latents=start_latents is not None,
             )
             result = np.asarray(result)[:batch]
             if callback is not None:
@@ -415,6 +466,29 @@ class LatentDiffusionPipeline:
         if output_type == "pil":
             result = images_to_pil(result)
         return PipelineOutput(result, seeds, visited)
+
+    def _start_latents(self, image, batch: int, height, width) -> np.ndarray:
+        """denoising_start's latents (given as ``image``): float32 [batch, h, w, C], NHWC."""
+        if not self.task.takes_init_image:
+            raise ValueError(f"denoising_start does not apply to {self.task.name} checkpoints")
+        channels = self.spec.unet.out_channels
+        array = None if image is None else np.asarray(image)
+        if array is None or array.ndim != 4 or array.shape[-1] != channels:
+            raise ValueError(
+                f"denoising_start continues latents: pass image= as latents [B, h, w, {channels}] "
+                f"(NHWC; a denoising_end call with output_type='latent'), got "
+                f"{None if array is None else array.shape}"
+            )
+        if not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all():
+            raise ValueError("the latents (image=) must hold finite floats")
+        f = self.vae_scale_factor
+        sizes = zip(("height", "width"), (height, width), array.shape[1:3], strict=True)
+        for name, value, n in sizes:
+            if value is not None and int(value) != n * f:
+                raise ValueError(f"{name} {value} does not match the latents' ({n} x {f})")
+        if array.shape[0] not in (1, batch):
+            raise ValueError(f"image holds {array.shape[0]} latents but the batch is {batch}")
+        return np.repeat(array.astype(np.float32), batch // array.shape[0], axis=0)
 
     @staticmethod
     def to_pil(images) -> list:
@@ -459,7 +533,7 @@ class LatentDiffusionPipeline:
 
     def _generate_fn(
         self, params, inputs, schedule, t_N, prev_N, scale, rescale, clip_skip, rng, *, plan,
-        eta, guided, output, with_callback=False, from_image=False,
+        eta, guided, output, with_callback=False, from_image=False, from_latents=False,
     ):  # fmt: skip
         """The pure sampling function: (params, inputs, timesteps, ...) -> images or latents."""
         spec, modules, task = self.spec, self.modules, self.task
@@ -478,6 +552,8 @@ class LatentDiffusionPipeline:
         plan = sampler_plans.SamplerPlan(name, None, None, options)
         abar = sampler_plans.start_abar(plan, schedule, t_N, prev_N) if from_image else None
         x_T = pipeline_tasks.initial_latents(spec, modules, params, inputs, abar)
+        if from_latents:  # SDXL refiner hand-off: the latents of a denoising_end run
+            x_T = sampler_plans.start_from_latents(plan, schedule, t_N, prev_N, inputs["start"])
         options = dict(options)
         if name == "ddim":
             options["eta"] = eta

@@ -1,6 +1,8 @@
 """The sampling tasks a checkpoint supports, and their pieces inside the pipeline's jitted function.
 
 - text-to-image: a text cond stage, conditioning_key "crossattn"; call with ``prompt``.
+  SDXL (cond stage "sdxl", conditioning_key "crossattn_adm"; base and refiner) is text-to-image
+  too: the context and the vector y come from ``encode_sdxl_condition``.
 - unconditional: no cond stage, conditioning_key None; ``batch_size``.
 - class-conditional: cond stage "class" (cin256); ``class_labels``.
 - image-to-image: any of the three above; add ``image`` and ``strength``.
@@ -24,14 +26,14 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from ldm_jax.latent_diffusion import encode_condition, unet_conditioning
+from ldm_jax.latent_diffusion import SDXLInputs, encode_condition, unet_conditioning
 from ldm_jax.models.conditioning import unconditional_class_ids
 from ldm_jax.spec import TEXT_CONDITIONINGS
 
 INPAINTING = ("mask_and_masked_image", "masked_image_and_mask")
 SUPPORTED = (
-    "text-to-image (clip/openclip/ldm_bert, crossattn), SD inpainting (text + hybrid "
-    "mask_and_masked_image), unconditional (no cond stage, no conditioning_key), "
+    "text-to-image (clip/openclip/ldm_bert, crossattn; sdxl, crossattn_adm), SD inpainting "
+    "(text + hybrid mask_and_masked_image), unconditional (no cond stage, no conditioning_key), "
     "class-conditional (class cond stage, crossattn), LDM inpainting (concat "
     "masked_image_and_mask), super-resolution (concat low_res_image)"
 )
@@ -64,10 +66,8 @@ def model_task(spec) -> Task:
         raise ValueError("the checkpoint has no UNet (first stage only): nothing to sample")
     d, cond = spec.diffusion, spec.cond_stage
     kind = None if cond is None else cond.kind
-    if kind == "sdxl" or d.conditioning_key == "crossattn_adm":
-        raise NotImplementedError(
-            "SDXL checkpoints load and export; sampling them is not implemented yet"
-        )
+    if kind == "sdxl" and d.conditioning_key == "crossattn_adm" and d.concat_input is None:
+        return Task("text", None)
     concat = d.concat_input
     if concat is None and d.conditioning_key == "hybrid" and kind in TEXT_CONDITIONINGS:
         if spec.unet.in_channels == 2 * spec.first_stage.embed_dim + 1:  # specs saved before
@@ -133,6 +133,8 @@ def conditioning(spec, modules, params, task: Task, inputs, guided: bool, clip_s
     "neg_context") replace the encoding of their token ids ("ids", "neg_ids").
     """
     context = uncontext = None
+    if spec.cond_stage is not None and spec.cond_stage.kind == "sdxl":
+        return sdxl_conditioning(spec, modules, params, inputs, guided, clip_skip)
     if task.conditioning == "text":
         wanted = {"context": "ids", "neg_context": "neg_ids"} if guided else {"context": "ids"}
         contexts = {key: inputs[key] for key in wanted if key in inputs}
@@ -159,6 +161,32 @@ def conditioning(spec, modules, params, task: Task, inputs, guided: bool, clip_s
     cond = unet_conditioning(key, encoded=context, concat=extra)
     uncond = unet_conditioning(key, encoded=uncontext, concat=extra) if guided else None
     return cond, uncond
+
+
+def sdxl_conditioning(spec, modules, params, inputs, guided: bool, clip_skip=None):
+    """SDXL's (cond, uncond): [negative; prompt] encoded in one batch (ids [B, encoders, T],
+    time ids [B, N]); "neg_keep" 0 zeroes the negative's context and pooled embedding (y's
+    first projection_dim entries; its time-id features stay), diffusers'
+    force_zeros_for_empty_prompt."""
+    ids, time_ids = inputs["ids"], inputs["time_ids"]
+    if guided:
+        ids = jnp.concatenate([inputs["neg_ids"], ids])
+        time_ids = jnp.concatenate([inputs["neg_time_ids"], time_ids])
+    token_ids = tuple(ids[:, i] for i in range(ids.shape[1]))
+    context, y = encode_condition(
+        spec.cond_stage, modules["cond_stage"], params["cond_stage"],
+        SDXLInputs(token_ids, time_ids), clip_skip,
+    )  # fmt: skip
+    key = spec.diffusion.conditioning_key
+    if not guided:
+        return unet_conditioning(key, encoded=(context, y)), None
+    (uncontext, context), (unpooled_y, y) = jnp.split(context, 2), jnp.split(y, 2)
+    keep = inputs["neg_keep"].astype(context.dtype)
+    pooled = spec.cond_stage.config.text_encoders[-1].projection_dim
+    uncontext = uncontext * keep[:, None, None]
+    unpooled_y = unpooled_y.at[:, :pooled].multiply(keep[:, None])
+    cond = unet_conditioning(key, encoded=(context, y))
+    return cond, unet_conditioning(key, encoded=(uncontext, unpooled_y))
 
 
 def initial_latents(spec, modules, params, inputs, start_abar=None):

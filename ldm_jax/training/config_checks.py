@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ldm_jax.data.buckets import resolve_buckets
 from ldm_jax.models.attention_dispatch import implementation_from_name
 from ldm_jax.models.remat import check_remat
 from ldm_jax.sampler_options import canonical_sampler, check_guidance
@@ -89,11 +90,26 @@ def check_execution(config) -> None:
             raise ConfigError(str(error)) from None
 
 
+def check_buckets(config) -> None:
+    """config.data's aspect-ratio buckets well formed (the model's multiple is checked when the
+    task knows the model)."""
+    if _get(config, "data") is None:
+        return
+    try:
+        resolve_buckets(
+            _get(config, "data.buckets"), _get(config, "data.bucket_area") or 0,
+            _get(config, "data.bucket_step") or 64, _get(config, "data.bucket_max_aspect") or 4.0,
+        )  # fmt: skip
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
 def check_stage(config) -> None:
-    """One loop's config: steps, batch, mesh, remat / attention and sample settings."""
+    """One loop's config: steps, batch, mesh, remat / attention, buckets and sample settings."""
     _integer(config, "train.num_steps", 1)
     _integer(config, "data.global_batch_size", 1)
     _integer(config, "optimizer.grad_accum_steps", 1)
+    check_buckets(config)
     check_mesh(config)
     check_execution(config)
     check_sample(config)

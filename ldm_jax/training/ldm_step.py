@@ -11,7 +11,9 @@ is trained jointly (CondStageSpec.trainable: LDM-BERT, class embedder); the froz
 
 batch: {"image": f32 [B, H, W, 3] in [-1, 1]} or {"latents": [B, h, w, c]} (first-stage latents
 before scaling), plus "tokens" int32 [B, T] (text), "class_label" int32 [B] (class, adm), and
-"concat" [B, h, w, c'] for the concat/hybrid conditioning keys.
+"concat" [B, h, w, c'] for the concat/hybrid conditioning keys. SDXL: "tokens" int32 [B, E, T]
+(one row per text encoder), "original_size" and "crop_top_left" [B, 2]; the target size is the
+batch's own (H, W), so each aspect-ratio bucket is one compiled shape.
 """
 
 import dataclasses
@@ -26,17 +28,19 @@ import optax
 
 from ldm_jax.compile_options import compiler_options
 from ldm_jax.latent_diffusion import (
+    SDXLInputs,
     apply_unet,
     encode_condition,
     schedule_from_spec,
     unet_conditioning,
 )
+from ldm_jax.models import text_time
 from ldm_jax.models.attention_dispatch import implementation_from_name
 from ldm_jax.models.conditioning import drop_class_labels
 from ldm_jax.models.distributions import DiagonalGaussian
 from ldm_jax.models.factory import network_modules
 from ldm_jax.models.remat import check_remat
-from ldm_jax.spec import ModelSpec
+from ldm_jax.spec import SDXL_BASE_TIME_IDS, ModelSpec
 from ldm_jax.training.ema import ema_decay, update_ema
 from ldm_jax.training.ldm_loss import diffusion_loss
 from ldm_jax.training.sharding import (
@@ -250,10 +254,17 @@ def make_ldm_train_step(
     prediction_type = cfg.prediction_type or spec.diffusion.prediction_type
     noise_schedule = schedule_from_spec(spec.diffusion)
     k = cfg.grad_accum_steps
+    sdxl = cond is not None and cond.kind == "sdxl"
+    if sdxl:
+        check_sdxl_training(cond.config)
     if cfg.cond_drop_prob > 0 and cond is not None and cond.takes_text:
         if null_tokens is None:
             raise ValueError("cond_drop_prob > 0 with a text encoder needs null_tokens (of '')")
-        null_tokens = np.asarray(null_tokens, np.int32).reshape(-1)
+        if sdxl:  # one row of ids per text encoder: [E, T]
+            null_tokens = sdxl_token_array(null_tokens).reshape(len(cond.config.text_encoders), -1)
+        else:
+            null_tokens = np.asarray(null_tokens, np.int32).reshape(-1)
+    latent_factor = spec.first_stage.downsample_factor
     first_stage = modules["first_stage"][0]
     unet = modules["unet"][0]
     cond_module = modules.get("cond_stage", (None,))[0]
@@ -276,6 +287,8 @@ def make_ldm_train_step(
             if cond is not None and cond.kind == "spatial_rescaler" and cond_module is not None:
                 concat = encode_condition(cond, cond_module, cond_params, concat)
         encodes = cond is not None and cond.kind != "spatial_rescaler"
+        if sdxl:
+            return unet_conditioning(key, encoded=sdxl_conditioning(cond_params, batch, rng))
         if key in ("crossattn", "hybrid", "adm") and encodes:
             if cond.takes_text:
                 tokens = _require(batch, "tokens")
@@ -289,6 +302,26 @@ def make_ldm_train_step(
                 encoded = encode_condition(cond, cond_module, cond_params, labels)
         labels = _require(batch, "class_label") if key == "adm" and encoded is None else None
         return unet_conditioning(key, encoded=encoded, concat=concat, labels=labels)
+
+    def sdxl_conditioning(cond_params, batch, rng):
+        """(context, y) of both encoders; dropout replaces the prompt by the empty one for every
+        encoder at once (diffusers' proportion_empty_prompts), the time ids stay the example's."""
+        tokens_BET = _require(batch, "tokens")
+        if tokens_BET.ndim != 3:
+            raise ValueError(f"SDXL batches hold tokens [B, encoders, T]; got {tokens_BET.shape}")
+        if cfg.cond_drop_prob > 0:
+            tokens_BET = drop_tokens(tokens_BET, null_tokens, cfg.cond_drop_prob, rng)
+        token_ids = tuple(tokens_BET[:, i] for i in range(tokens_BET.shape[1]))
+        if "latents" in batch:
+            target = tuple(d * latent_factor for d in batch["latents"].shape[1:3])
+        else:
+            target = tuple(batch["image"].shape[1:3])
+        time_ids_BN = sdxl_time_ids(
+            _require(batch, "original_size"), _require(batch, "crop_top_left"), target
+        )
+        return encode_condition(
+            cond, cond_module, cond_params, SDXLInputs(token_ids, time_ids_BN)
+        )
 
     def train_step(state: TrainState, frozen, batch, rng):
         rng = jax.random.fold_in(rng, state.step)
@@ -306,6 +339,8 @@ def make_ldm_train_step(
             c = conditioning(cond_params, batch, drop_rng)
             if "cond_stage" not in trained and c.context is not None:
                 c = c._replace(context=jax.lax.stop_gradient(c.context))
+                if sdxl:  # y holds the pooled text embedding
+                    c = c._replace(y=jax.lax.stop_gradient(c.y))
 
             def apply_fn(x_t, t_B):
                 return apply_unet(
@@ -360,8 +395,32 @@ def drop_tokens(tokens_BT, null_tokens_T, rate: float, rng: jax.Array) -> jax.Ar
     null_tokens_T = jnp.asarray(null_tokens_T, tokens_BT.dtype)
     if null_tokens_T.shape != tokens_BT.shape[1:]:
         raise ValueError(f"null tokens {null_tokens_T.shape} do not fit tokens {tokens_BT.shape}")
-    drop_B1 = jax.random.bernoulli(rng, rate, (tokens_BT.shape[0], 1))
+    # [B, 1] for [B, T] tokens, [B, 1, 1] for SDXL's [B, E, T]: all encoders drop together
+    drop_B1 = jax.random.bernoulli(rng, rate, (tokens_BT.shape[0],) + (1,) * (tokens_BT.ndim - 1))
     return jnp.where(drop_B1, null_tokens_T[None], tokens_BT)
+
+
+def sdxl_token_array(token_ids) -> np.ndarray:
+    """SDXLTokenizers' tuple of [B, T] ids (or one [B, T]) -> int32 [B, E, T]: one batch array."""
+    if isinstance(token_ids, tuple | list):
+        return np.stack([np.asarray(t, np.int32) for t in token_ids], axis=1)
+    return np.asarray(token_ids, np.int32)
+
+
+def check_sdxl_training(conditioner) -> None:
+    """The train step builds SDXL's base time ids from the data; other sets are not supported."""
+    if tuple(conditioner.time_ids) != SDXL_BASE_TIME_IDS:
+        raise ValueError(
+            f"training SDXL takes the base model's time ids {SDXL_BASE_TIME_IDS} (original size, "
+            f"crop, target size from the data); this conditioner has {conditioner.time_ids} (the "
+            "refiner's aesthetic score is not in the training data)"
+        )
+
+
+def sdxl_time_ids(original_size_B2, crop_top_left_B2, target_hw) -> jax.Array:
+    """SDXL base micro-conditioning [B, 6]: each image's original (h, w) and crop (top, left),
+    the batch's (bucket's) size as target (h, w)."""
+    return text_time.time_ids(original_size_B2, crop_top_left_B2, target_size=target_hw)
 
 
 def _require(batch, name):

@@ -29,6 +29,7 @@ from ldm_jax.training.ldm_step import (
     LDMTrainConfig,
     init_ldm_state,
     make_ldm_train_step,
+    sdxl_token_array,
     trainable_names,
 )
 from ldm_jax.training.optimizer import make_optimizer
@@ -122,7 +123,7 @@ class LDMTask:
         if self.text and self.tokenizer is None:
             raise ValueError("this model is text-conditioned but has no tokenizer: set "
                              "config.model.tokenizer to a tokenizer folder or hub id")
-        null_tokens = np.asarray(self.tokenizer([""]))[0] if self.text else None
+        null_tokens = sdxl_token_array(self.tokenizer([""]))[0] if self.text else None
         self._jitted = make_ldm_train_step(self.spec, self.cfg, self.optimizer, schedule,
                                            self.mesh, self.rules, null_tokens=null_tokens)
         self.train_step = None
@@ -142,6 +143,9 @@ class LDMTask:
         local = make_train_dataset(
             self.config.data, self.tokenizer if self.text else None, self.global_batch_size,
             int(self.config.seed), data_parallel_size=data_parallel_size(self.mesh),
+            micro_conditioning=self.spec.cond_stage is not None
+            and self.spec.cond_stage.kind == "sdxl",
+            bucket_multiple=latent_grid(self.spec),
         )
         return GlobalBatches(local, batch_sharding(self.mesh))
 
@@ -189,6 +193,12 @@ class LDMTask:
             rng=rng, output_type="uint8", **kwargs,
         ).images
         return make_grid(images)
+
+
+def latent_grid(spec) -> int:
+    """The pixels every image side must be a multiple of: the VAE's factor x 2^(UNet levels - 1)
+    (each UNet level halves the latent; odd sizes would not round-trip the skip connections)."""
+    return spec.first_stage.downsample_factor * 2 ** (len(spec.unet.channel_mult) - 1)
 
 
 def make_task(config) -> LDMTask:

@@ -119,6 +119,14 @@ def _compile(train_step, state, batch, rng):
     return compiled, metrics_lib.compiled_flops(compiled)
 
 
+def _batch_signature(batch) -> tuple:
+    """The shapes and dtypes a compiled step is specialised to (aspect-ratio buckets change them
+    from batch to batch)."""
+    leaves = jax.tree_util.tree_leaves_with_path(batch)
+    return tuple((jax.tree_util.keystr(p), tuple(np.shape(x)), str(getattr(x, "dtype", "")))
+                 for p, x in leaves)
+
+
 def _host_metrics(metrics) -> dict:
     return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
 
@@ -209,6 +217,7 @@ def run(config, workdir, task, *, stream=None, label: str | None = None) -> RunR
     bar = _bar(f"{label} (compiling)", num_steps, start, show_bar and start < num_steps,
                leave=False)
     writer.bar = bar if show_bar else None
+    compiled = {}  # batch shapes -> (step callable, FLOPs): one compile per bucket shape
     step_fn, flops = None, None
     pending = None  # (step number after it, metrics on device): resolved one step late
     last = {}
@@ -247,10 +256,15 @@ def run(config, workdir, task, *, stream=None, label: str | None = None) -> RunR
                 batch = next(batches)
                 rng_i = jax.random.fold_in(step_rng, step)
                 first = step_fn is None
-                if first:
+                signature = _batch_signature(batch)
+                if signature not in compiled:
                     compile_start = time.perf_counter()
-                    step_fn, flops = _compile(task.train_step, state, batch, rng_i)
+                    compiled[signature] = _compile(task.train_step, state, batch, rng_i)
                     compile_end = time.perf_counter()
+                    if not first:
+                        writer.write_text(f"{label}: compiled batch shapes {signature} in "
+                                          f"{compile_end - compile_start:.1f} s")
+                step_fn, flops = compiled[signature]
                 state, device_metrics = step_fn(state, batch, rng_i)
                 resolve()  # the previous step's metrics, while this one runs
                 if first:  # time (samples/s, the bar's ETA) from the end of the first step

@@ -30,17 +30,22 @@ def lora_modules(pipe) -> dict[str, list[str]]:
             if name.endswith(suffixes) and isinstance(module, torch.nn.Linear | torch.nn.Conv2d)
         ]
 
-    return {
-        "unet": pick(pipe.unet, UNET_MODULES),
-        "text_encoder": pick(pipe.text_encoder, TEXT_MODULES),
-    }
+    modules = {"unet": pick(pipe.unet, UNET_MODULES)}
+    for name, model in _text_encoders(pipe).items():
+        modules[name] = pick(model, TEXT_MODULES)
+    return modules
+
+
+def _text_encoders(pipe) -> dict:
+    names = ("text_encoder", "text_encoder_2")
+    return {n: getattr(pipe, n) for n in names if getattr(pipe, n, None) is not None}
 
 
 def random_factors(pipe, seed: int, ranks=(2, 3), alpha=None, std: float = 0.2) -> dict:
     """{(component, module): (down, up, alpha)} in the torch layout; ranks cycle through `ranks`.
     `alpha`: one for every module, or None: per-module alphas, none equal to its rank."""
     rng = np.random.default_rng(seed)
-    models = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    models = {"unet": pipe.unet, **_text_encoders(pipe)}
     factors = {}
     for component, names in lora_modules(pipe).items():
         modules = dict(models[component].named_modules())
@@ -55,17 +60,19 @@ def random_factors(pipe, seed: int, ranks=(2, 3), alpha=None, std: float = 0.2) 
     return factors
 
 
-def kohya_name(component: str, module: str) -> str:
-    """kohya's module name: the path with "." -> "_"; text encoder paths keep `text_model.`."""
+def kohya_name(component: str, module: str, sdxl: bool = False) -> str:
+    """kohya's module name: the path with "." -> "_"; text encoder paths keep `text_model.`
+    (SDXL: lora_te1_ / lora_te2_)."""
     if component == "unet":
         return "lora_unet_" + module.replace(".", "_")
-    return "lora_te_" + ("text_model." + module).replace(".", "_")
+    te = ("te2" if component == "text_encoder_2" else "te1") if sdxl else "te"
+    return f"lora_{te}_" + ("text_model." + module).replace(".", "_")
 
 
-def write_kohya(path, factors: dict) -> None:
+def write_kohya(path, factors: dict, sdxl: bool = False) -> None:
     tensors = {}
     for (component, module), (down, up, alpha) in factors.items():
-        name = kohya_name(component, module)
+        name = kohya_name(component, module, sdxl)
         tensors[f"{name}.lora_down.weight"] = torch.from_numpy(down)
         tensors[f"{name}.lora_up.weight"] = torch.from_numpy(up)
         tensors[f"{name}.alpha"] = torch.tensor(alpha)
@@ -78,7 +85,7 @@ def write_peft(path, factors: dict, alphas: dict[str, float], alpha_patterns=Non
     alpha_pattern. The factors' own alphas are ignored."""
     tensors, metadata = {}, {}
     alpha_patterns = alpha_patterns or {}
-    for component in ("unet", "text_encoder"):
+    for component in ("unet", "text_encoder", "text_encoder_2"):
         mine = {m: f for (c, m), f in factors.items() if c == component}
         if not mine:
             continue
@@ -100,7 +107,7 @@ def write_peft(path, factors: dict, alphas: dict[str, float], alpha_patterns=Non
 def apply_factors(pipe, factors: dict, scale: float) -> None:
     """W += scale * alpha / r * up @ down on the torch modules in place (kohya's merge, written
     without diffusers' or peft's LoRA code): the reference for files diffusers reads wrongly."""
-    models = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    models = {"unet": pipe.unet, **_text_encoders(pipe)}
     with torch.no_grad():
         for (component, module), (down, up, alpha) in factors.items():
             weight = dict(models[component].named_modules())[module].weight

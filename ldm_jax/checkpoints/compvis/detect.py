@@ -195,7 +195,11 @@ def unet_from_keys(
         raise ArchitectureError(
             f"the deepest level and the middle block differ in depth; {_PASS_YAML}"
         )
-    depths = tuple(a[0] if a else middle[0] for a in attention[:-1]) + (middle[0],)
+    # a level without attention has no depth in the file: the others' common depth, else 1
+    # (diffusers' convention: SDXL base (1, 2, 10), the refiner 4)
+    known = {a[0] for a in found}
+    fill = known.pop() if len(known) == 1 else 1
+    depths = tuple(a[0] if a else fill for a in attention[:-1]) + (middle[0],)
     res_blocks = tuple(len(lv) for lv in per_level)
     kwargs = {}
     if UNET_PREFIX + "label_emb.weight" in state_dict:

@@ -31,6 +31,7 @@ from ldm_jax.checkpoints.diffusers.sdxl import (
     sdxl_conditioner,
     sdxl_text_config,
 )
+from ldm_jax.checkpoints.diffusers.text_config import TEXT_ACTIVATIONS, clip_text_config
 from ldm_jax.checkpoints.diffusers.unet import diffusers_unet_table
 from ldm_jax.checkpoints.diffusers.unet_config import unet_config_from_diffusers
 from ldm_jax.checkpoints.errors import (
@@ -65,7 +66,6 @@ WEIGHT_FILES = (
 )
 # Pipelines that feed the first stage's latents to the UNet unscaled (LDM zoo ports).
 UNSCALED_PIPELINES = ("LDMPipeline", "LDMSuperResolutionPipeline")
-_TEXT_ACTIVATIONS = {"quick_gelu": "clip", "gelu": "openclip"}  # OpenAI CLIP vs OpenCLIP
 
 
 def is_diffusers_folder(path: Path) -> bool:
@@ -135,28 +135,8 @@ def _component(folder: Path, index: Mapping[str, Any], names: tuple[str, ...]) -
 
 def text_config_from_transformers(config: Mapping[str, Any]) -> tuple[str, CLIPTextConfig]:
     """(cond-stage kind, our config) from a transformers CLIPTextConfig dict."""
-    architectures = config.get("architectures") or ["CLIPTextModel"]
-    if architectures != ["CLIPTextModel"]:
-        raise ArchitectureError(
-            f"text encoder {architectures} is not supported; need CLIPTextModel"
-        )
-    activation = config.get("hidden_act", "quick_gelu")
-    if activation not in _TEXT_ACTIVATIONS:
-        raise ArchitectureError(
-            f"text encoder hidden_act {activation!r}: allowed {list(_TEXT_ACTIVATIONS)}"
-        )
-    cfg = CLIPTextConfig(
-        vocab_size=config.get("vocab_size", 49408),
-        max_length=config.get("max_position_embeddings", 77),
-        width=config.get("hidden_size", 512),
-        num_layers=config.get("num_hidden_layers", 12),
-        num_heads=config.get("num_attention_heads", 8),
-        mlp_dim=config.get("intermediate_size", 2048),
-        activation=activation,
-        layer_norm_eps=config.get("layer_norm_eps", 1e-5),
-        eos_token_id=config.get("eos_token_id", 2),
-    )
-    return _TEXT_ACTIVATIONS[activation], cfg
+    cfg = clip_text_config(config)
+    return TEXT_ACTIVATIONS[cfg.activation], cfg
 
 
 def ldm_bert_config_from_diffusers(config: Mapping[str, Any], logits_head: bool) -> LDMBertConfig:

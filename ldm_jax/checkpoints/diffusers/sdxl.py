@@ -11,6 +11,7 @@ skip_last_layers=1 and final_norm_on_output=False and are written whole.
 from collections.abc import Mapping
 from typing import Any
 
+from ldm_jax.checkpoints.diffusers.text_config import clip_text_config
 from ldm_jax.checkpoints.errors import ArchitectureError
 from ldm_jax.models.clip_text import CLIPTextConfig
 from ldm_jax.spec import SDXL_BASE_TIME_IDS, SDXL_REFINER_TIME_IDS, SDXLConditionerConfig
@@ -20,8 +21,6 @@ SDXL_PIPELINES = {
     SDXL_BASE_TIME_IDS: "StableDiffusionXLPipeline",
     SDXL_REFINER_TIME_IDS: "StableDiffusionXLImg2ImgPipeline",
 }
-_ARCHITECTURES = ("CLIPTextModel", "CLIPTextModelWithProjection")
-_ACTIVATIONS = ("quick_gelu", "gelu")
 
 
 def is_sdxl_index(index: Mapping[str, Any]) -> bool:
@@ -37,25 +36,10 @@ def sdxl_text_folders(num_encoders: int) -> tuple[str, ...]:
 def sdxl_text_config(config: Mapping[str, Any], last: bool) -> CLIPTextConfig:
     """One SDXL encoder's config from its transformers config.json; the last encoder must be a
     CLIPTextModelWithProjection (its text_embeds are y's pooled part)."""
-    architectures = config.get("architectures") or ["CLIPTextModel"]
-    want = "CLIPTextModelWithProjection" if last else "CLIPTextModel"
-    if architectures != [want]:
-        raise ArchitectureError(f"SDXL text encoder {architectures} is not supported; need {want}")
-    activation = config.get("hidden_act", "quick_gelu")
-    if activation not in _ACTIVATIONS:
-        raise ArchitectureError(
-            f"text encoder hidden_act {activation!r}: allowed {list(_ACTIVATIONS)}"
-        )
-    return CLIPTextConfig(
-        vocab_size=config.get("vocab_size", 49408),
-        max_length=config.get("max_position_embeddings", 77),
-        width=config.get("hidden_size", 512),
-        num_layers=config.get("num_hidden_layers", 12),
-        num_heads=config.get("num_attention_heads", 8),
-        mlp_dim=config.get("intermediate_size", 2048),
-        activation=activation,
-        layer_norm_eps=config.get("layer_norm_eps", 1e-5),
-        eos_token_id=config.get("eos_token_id", 2),
+    return clip_text_config(
+        config,
+        "CLIPTextModelWithProjection" if last else "CLIPTextModel",
+        what="SDXL text encoder",
         skip_last_layers=1,  # StableDiffusionXLPipeline reads hidden_states[-2] ...
         final_norm_on_output=False,  # ... as is
         projection_dim=config.get("projection_dim", 512) if last else None,

@@ -10,8 +10,9 @@ A key is ``<module name><suffix>``; the suffixes are the formats' grammar:
 
 The module name must be in the exact table of `targets.lora_targets`. Linear layers take
 down [r, in] and up [out, r]; convolutions ("LoCon", any kernel size) down [r, in, kh, kw] and up
-[out, r, 1, 1]. A layer's weight moves by scale * (alpha / r) * up @ down (alpha defaults to r;
-PEFT files keep alpha in the safetensors metadata ``lora_adapter_metadata``, as diffusers writes).
+[out, r, 1, 1]; 1x1 convs and linear layers take either form. A layer's weight moves by
+scale * (alpha / r) * up @ down (alpha defaults to r; PEFT files keep alpha in the safetensors
+metadata ``lora_adapter_metadata``, as diffusers writes).
 """
 
 import dataclasses
@@ -29,7 +30,7 @@ from ldm_jax.checkpoints.errors import CheckpointFileError, UnsupportedLoRAError
 from ldm_jax.checkpoints.files import open_tensor_file
 from ldm_jax.checkpoints.key_table import flatten_params, listed
 from ldm_jax.checkpoints.lora.targets import (
-    DIFFUSERS_PREFIXES,
+    COMPONENTS,
     LoRATarget,
     lora_targets,
     other_architecture,
@@ -131,12 +132,12 @@ def _group(tensors: Mapping[str, Any]) -> tuple[dict[str, dict[str, str]], list[
 
 def _describe(keys: list[str]) -> str:
     notes = {what for k in keys if (what := other_architecture(k))}
-    hint = f" (keys of {', '.join(sorted(notes))}: an SDXL LoRA?)" if notes else ""
+    hint = f" (keys of {', '.join(sorted(notes))}, which this model lacks)" if notes else ""
     return listed(keys) + hint
 
 
 def _metadata(extras: Mapping[str, Any], path) -> dict[str, dict]:
-    """{"unet"/"cond_stage": LoraConfig fields} from diffusers' safetensors metadata."""
+    """{diffusers component: LoraConfig fields} from diffusers' safetensors metadata."""
     raw = extras.get(METADATA_KEY)
     if raw is None:
         return {}
@@ -147,12 +148,13 @@ def _metadata(extras: Mapping[str, Any], path) -> dict[str, dict]:
     if not isinstance(packed, dict):
         raise UnsupportedLoRAError(f"{path}: {METADATA_KEY} metadata is not a mapping")
     configs: dict[str, dict] = {}
-    for network, prefix in DIFFUSERS_PREFIXES.items():
+    for component in COMPONENTS:
+        prefix = component + "."
         fields = {k[len(prefix) :]: v for k, v in packed.items() if k.startswith(prefix)}
         for flag in ("use_rslora", "use_dora", "lora_bias"):
             if fields.get(flag):
                 raise UnsupportedLoRAError(f"{path}: {prefix}{flag} LoRAs are not supported")
-        configs[network] = fields
+        configs[component] = fields
     return configs
 
 
@@ -185,6 +187,13 @@ def _layer(path, name, keys, state, target, shapes, metadata) -> LoRALayer:
     if flax_shape is None:
         raise UnsupportedLoRAError(f"{path}: {name!r} names a layer these params lack")
     weight = target.transform.torch_shape(flax_shape)  # the torch layer's weight shape
+    # a 1x1 conv and a linear layer are one map: files write either form for either layer
+    if down.ndim == up.ndim == 2 and weight[2:] == (1, 1):
+        down, up = down[:, :, None, None], up[:, :, None, None]
+    elif (
+        down.ndim == up.ndim == 4 and down.shape[2:] == up.shape[2:] == (1, 1) and len(weight) == 2
+    ):
+        down, up = down[:, :, 0, 0], up[:, :, 0, 0]
     rank = down.shape[0] if down.ndim else 0
     linear_ok = down.ndim == 2 and up.ndim == 2
     conv_ok = down.ndim == 4 and up.ndim == 4 and up.shape[2:] == (1, 1)
@@ -208,8 +217,8 @@ def _layer(path, name, keys, state, target, shapes, metadata) -> LoRALayer:
                 f"{path}: {keys['alpha']} must be a scalar, got shape {value.shape}"
             )
         alpha = float(value.reshape(()))
-    elif name.startswith(DIFFUSERS_PREFIXES[target.network]) and target.network in metadata:
-        alpha = _alpha_from_metadata(name, metadata[target.network])
+    elif name.startswith(target.component + ".") and target.component in metadata:
+        alpha = _alpha_from_metadata(name, metadata[target.component])
     factor = 1.0 if alpha is None else alpha / rank
     if not math.isfinite(factor):
         raise UnsupportedLoRAError(f"{path}: alpha of {name} is not finite")
