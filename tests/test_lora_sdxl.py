@@ -15,7 +15,7 @@ WEIGHT_BAR = 1e-6
 SCALE = 0.6
 
 
-def _params(folder) -> tuple:
+def params_of(folder) -> tuple:
     checkpoint = LatentDiffusionCheckpoint.from_pretrained(folder)
     return checkpoint.spec, checkpoint.params
 
@@ -44,9 +44,9 @@ def test_sdxl_merge_matches_diffusers(base, fmt, tmp_path):
     pipe.fuse_lora(lora_scale=SCALE)
     pipe.unload_lora_weights()
     pipe.save_pretrained(tmp_path / "fused")
-    _, reference = _params(tmp_path / "fused")
+    _, reference = params_of(tmp_path / "fused")
 
-    spec, params = _params(base / "base")
+    spec, params = params_of(base / "base")
     lora = read_lora(lora_file, spec, params)
     assert len(lora.layers) == len(factors)
     flat = flatten_params(params)

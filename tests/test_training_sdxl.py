@@ -116,7 +116,7 @@ def test_bad_buckets_are_clear_errors(buckets, message):
 
 def test_an_image_that_fits_no_bucket_is_named():
     sizes = np.array([[20, 20], [20, 100]])
-    with pytest.raises(DataError, match=r"image 1 \(20x100.*fits no bucket.*80%"):
+    with pytest.raises(DataError, match=r"image 1 \(20x100.*fits no bucket.*70%"):
         assign_buckets(sizes, BUCKETS, max_crop=0.5)
     assert assign_buckets(np.array([[20, 20], [20, 31]]), BUCKETS, 0.5).tolist() == [0, 1]
 

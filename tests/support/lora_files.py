@@ -61,12 +61,14 @@ def random_factors(pipe, seed: int, ranks=(2, 3), alpha=None, std: float = 0.2) 
 
 
 def kohya_name(component: str, module: str, sdxl: bool = False) -> str:
-    """kohya's module name: the path with "." -> "_"; text encoder paths keep `text_model.`
-    (SDXL: lora_te1_ / lora_te2_)."""
+    """kohya's module name: the path with "." -> "_"; text encoder paths have `text_model.`
+    (which transformers 5's CLIPTextModel lacks, its ...WithProjection has) (SDXL: lora_te1_ /
+    lora_te2_)."""
     if component == "unet":
         return "lora_unet_" + module.replace(".", "_")
     te = ("te2" if component == "text_encoder_2" else "te1") if sdxl else "te"
-    return f"lora_{te}_" + ("text_model." + module).replace(".", "_")
+    path = module if module.startswith("text_model.") else "text_model." + module
+    return f"lora_{te}_" + path.replace(".", "_")
 
 
 def write_kohya(path, factors: dict, sdxl: bool = False) -> None:
