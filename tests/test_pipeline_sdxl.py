@@ -10,6 +10,7 @@ from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl
 from PIL import Image
 from support.tiny_pipelines import sd_pipeline, sdxl_pipeline, sdxl_refiner_pipeline, torch_noise
 
+from ldm_jax.cli import sample as sampling_cli
 from ldm_jax.diffusion import sampler_plans
 from ldm_jax.latent_diffusion import schedule_from_spec
 from ldm_jax.sampling.pipeline import LatentDiffusionPipeline
@@ -193,5 +194,27 @@ def test_micro_conditioning_needs_sdxl(tmp_path):
     pipe = LatentDiffusionPipeline.from_pretrained(folder)
     with pytest.raises(ValueError, match="prompt_2 applies to SDXL"):
         pipe("a cat", prompt_2="a dog")
-    with pytest.raises(ValueError, match="apply to SDXL checkpoints only"):
+    with pytest.raises(ValueError, match="original_size: for SDXL checkpoints only"):
         pipe("a cat", original_size=(16, 16))
+
+
+def test_sample_cli_takes_sdxl_flags(folders, tmp_path, capsys):
+    base = folders[0]
+    common = ["--checkpoint", base, "--prompt", "a cat", "--steps", "2", "--n", "1", "--seed", "3",
+              "--sampler", "euler", "--no-progress"]  # fmt: skip
+    sizes = ["--original-size", "1024", "768", "--crop-top-left", "8", "0"]
+    written = {}
+    for name, extra in (("plain", []), ("sized", sizes)):
+        code = sampling_cli.main([str(a) for a in [*common, *extra, "--out", tmp_path / name]])
+        assert code == 0, capsys.readouterr().err
+        written[name] = Image.open(tmp_path / name / "00.png")
+    assert '"original_size": [1024, 768]' in written["sized"].info["parameters"]
+    assert '"crop_top_left": [8, 0]' in written["sized"].info["parameters"]
+    plain, sized = (np.asarray(written[k], np.float32) for k in ("plain", "sized"))
+    assert np.abs(plain - sized).max() > 2  # the micro-conditioning reached the model
+    capsys.readouterr()
+    code = sampling_cli.main([str(a) for a in [*common, "--aesthetic-score", "6",
+                                                "--out", tmp_path / "bad"]])  # fmt: skip
+    assert code == 2
+    assert "error: --aesthetic-score does not apply" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -120,6 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="CLIP text models: condition on the text encoder's output N layers earlier "
         "(diffusers' clip_skip; 1 = the penultimate layer)",
     )
+    sdxl = parser.add_argument_group("SDXL micro-conditioning (SDXL checkpoints only)")
+    sdxl.add_argument(
+        "--original-size", type=int, nargs=2, metavar=("H", "W"),
+        help="the original image size to condition on (default: the output size)",
+    )  # fmt: skip
+    sdxl.add_argument(
+        "--crop-top-left", type=int, nargs=2, metavar=("TOP", "LEFT"),
+        help="the crop's top-left corner to condition on (default 0 0)",
+    )  # fmt: skip
+    sdxl.add_argument(
+        "--aesthetic-score", type=float, metavar="S", help="refiner: aesthetic score (default 6)"
+    )
     parser.add_argument(
         "--height", type=int, help="image height in pixels, a multiple of the VAE factor (8 for SD)"
     )
@@ -302,7 +314,19 @@ def task_inputs(args, task) -> dict:
             kwargs["strength"] = 0.75 if args.strength is None else args.strength
     if args.low_res_image is not None:
         kwargs["low_res_image"] = _open_image(args.low_res_image, "--low-res-image", "RGB")
+    for flag, argument in SDXL_FLAGS:
+        value = getattr(args, flag)
+        if value is not None:
+            kwargs[argument] = tuple(value) if isinstance(value, list) else value
     return kwargs
+
+
+# SDXL flags (args attribute) -> pipeline arguments
+SDXL_FLAGS = (
+    ("original_size", "original_size"),
+    ("crop_top_left", "crops_coords_top_left"),
+    ("aesthetic_score", "aesthetic_score"),
+)
 
 
 def _flag_names(message: str) -> str:
@@ -311,6 +335,9 @@ def _flag_names(message: str) -> str:
     message = message.replace("guidance_scale ", "--guidance ")
     for argument, flag in (
         ("clip_skip", "--clip-skip"),
+        ("original_size", "--original-size"),
+        ("crops_coords_top_left", "--crop-top-left"),
+        ("aesthetic_score", "--aesthetic-score"),
         ("mask_image", "--mask"),
         ("low_res_image", "--low-res-image"),
         ("image", "--init-image"),
@@ -441,7 +468,8 @@ def _sample_and_write(args, pipe) -> int:
         key: getattr(args, key)
         for key in ("checkpoint", "prompt", "negative_prompt", "steps", "sampler", "eta")
     }
-    for key in ("init_image", "strength", "mask", "class_label", "low_res_image"):
+    for key in ("init_image", "strength", "mask", "class_label", "low_res_image",
+                "original_size", "crop_top_left", "aesthetic_score"):  # fmt: skip
         if getattr(args, key) is not None:
             metadata[key] = getattr(args, key)
     metadata.update(guidance=args.guidance)

@@ -307,7 +307,7 @@ def sdxl_time_inputs(spec, batch: int, height: int, width: int, guided: bool, mi
     sdxl = spec.cond_stage is not None and spec.cond_stage.kind == "sdxl"
     if not sdxl:
         if given:
-            raise ValueError(f"{sorted(given)} apply to SDXL checkpoints only")
+            raise ValueError(f"{', '.join(sorted(given))}: for SDXL checkpoints only")
         return {}
     names = spec.cond_stage.config.time_ids
     for name in given:

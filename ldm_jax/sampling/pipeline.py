@@ -187,11 +187,11 @@ class LatentDiffusionPipeline:
     def load_lora(self, path, scale: float = 1.0, *, name: str | None = None,
                   strict: bool = True) -> str:  # fmt: skip
         """Merge a LoRA file (kohya / A1111 or diffusers / PEFT ``.safetensors``, or a pickled
-        ``.ckpt``/``.pt`` read weights-only) into the UNet and text encoder, weighted by ``scale``:
-        W' = W + sum over loaded LoRAs of scale * (alpha / rank) * up @ down. Returns its name
-        (``name``, default the file's stem). ``strict=False`` leaves keys that name no layer of
-        this model out with a warning instead of an UnsupportedLoRAError; wrong shapes and
-        non-finite values are always an error, and nothing changes on any error."""
+        ``.ckpt``/``.pt`` read weights-only) into the UNet and text encoder(s), weighted by
+        ``scale``: W' = W + sum over loaded LoRAs of scale * (alpha / rank) * up @ down.
+        Returns its name (``name``, default the file's stem). ``strict=False`` leaves keys that
+        name no layer of this model out with a warning instead of an UnsupportedLoRAError; wrong
+        shapes and non-finite values are always an error, and nothing changes on any error."""
         loras = self._lora_adapters()
         name = Path(path).stem if name is None else str(name)
         if name in loras:

@@ -1,4 +1,4 @@
-"""LoRA adapters for SD 1.x/2.x: read (kohya / A1111, diffusers / PEFT) and merge on the host."""
+"""LoRA adapters for SD 1.x/2.x/XL: read (kohya / A1111, diffusers / PEFT) and merge on the host."""
 
 from ldm_jax.checkpoints.lora.merge import merged_kernels, replace_leaves
 from ldm_jax.checkpoints.lora.read import LoRA, LoRALayer, read_lora
