@@ -1,4 +1,5 @@
-"""Per-device memory of the Stable Diffusion 1.5 train step under FSDP, from XLA's compiler.
+"""Per-device memory of the Stable Diffusion 1.5 (or, with --model sdxl, SDXL base) train step
+under FSDP, from XLA's compiler.
 
 Builds the SD 1.5 networks (UNet "sd-v1" trained; CLIP ViT-L/14 text + SD VAE frozen) abstractly,
 lowers the sharded LDM train step with ShapeDtypeStruct inputs only (no parameter is ever
@@ -21,7 +22,11 @@ backward pass (the jaxpr's residuals of the UNet loss at the per-device batch,
 
     python benchmarks/train_memory.py [--devices 8] [--per-device-batch 8] [--resolution 512]
         [--inputs latents,image] [--remat none,blocks,save_dots_no_batch] [--dtypes bfloat16]
-        [--scheduler memory|concurrency] [--attention auto]
+        [--scheduler memory|concurrency] [--attention auto] [--model sd15|sdxl] [--tiny]
+
+SDXL (--model sdxl): the sdxl-base preset (UNet 2.57 B trained; CLIP ViT-L + OpenCLIP bigG and
+the VAE frozen) at 1024 px, tokens [B, 2, 77] and the size/crop ids in the batch, as
+configs/sdxl_finetune.py trains it.
 """
 
 import argparse
@@ -36,7 +41,8 @@ def _parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=8, help="fake CPU devices (fsdp axis)")
     parser.add_argument("--per-device-batch", type=int, default=8)
-    parser.add_argument("--resolution", type=int, default=512, help="image size (latents / 8)")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="image size (latents / 8); default 512 (sd15), 1024 (sdxl)")
     parser.add_argument("--inputs", default="latents,image")
     parser.add_argument("--remat", default="none,blocks,save_dots_no_batch")
     parser.add_argument("--dtypes", default="bfloat16")
@@ -44,6 +50,12 @@ def _parse(argv):
                         help="XLA:CPU scheduler (memory: the one whose peak reflects remat)")
     parser.add_argument("--attention", default="auto", help="attention implementation")
     parser.add_argument("--tiny", action="store_true", help="tiny networks (a smoke test)")
+    parser.add_argument("--args-only", action="store_true",
+                        help="no compile: per-device bytes of the sharded state and frozen params "
+                             "from their shardings (seconds, where a full SDXL compile takes long)")
+    parser.add_argument("--model", choices=("sd15", "sdxl"), default="sd15",
+                        help="sd15: SD 1.5 (UNet sd-v1); sdxl: the sdxl-base preset (both text "
+                             "encoders frozen, size/crop time ids, resolution default 1024)")
     return parser.parse_args(argv)
 
 
@@ -57,18 +69,42 @@ def sd15_spec():
     return ModelSpec(first_stage=SD_VAE, unet=UNET_PRESETS["sd-v1"], cond_stage=clip)
 
 
-def tiny_spec():
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-    from support.tiny_specs import SD1_LIKE
+def sdxl_spec():
+    from ldm_jax.presets.sdxl import SDXL_PRESETS
 
-    return SD1_LIKE
+    return SDXL_PRESETS["sdxl-base"]
+
+
+def tiny_spec(model: str = "sd15"):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+    from support.tiny_specs import MICRO_SDXL, SD1_LIKE
+
+    return MICRO_SDXL if model == "sdxl" else SD1_LIKE
+
+
+def text_inputs(spec, batch: int, sharding) -> tuple:
+    """The batch's text entries (ShapeDtypeStructs) and the null tokens for dropout: tokens
+    [B, T] for a CLIP tower; SDXL: tokens [B, 2, T] and the size/crop ids [B, 2]."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    cond = spec.cond_stage
+    if cond.kind != "sdxl":
+        length = cond.config.max_length
+        tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=sharding)
+        return {"tokens": tokens}, np.zeros(length, np.int32)
+    encoders, length = len(cond.config.text_encoders), cond.config.text_encoders[0].max_length
+    pair = jax.ShapeDtypeStruct((batch, 2), jnp.int32, sharding=sharding)
+    tokens = jax.ShapeDtypeStruct((batch, encoders, length), jnp.int32, sharding=sharding)
+    entries = {"tokens": tokens, "original_size": pair, "crop_top_left": pair}
+    return entries, np.zeros((encoders, length), np.int32)
 
 
 def measure(spec, mesh, inputs: str, remat: str, dtype: str, batch: int, resolution: int,
             attention: str = "auto") -> dict:
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from ldm_jax.training.ldm_step import (
         LDMTrainConfig,
@@ -81,11 +117,10 @@ def measure(spec, mesh, inputs: str, remat: str, dtype: str, batch: int, resolut
     cfg = LDMTrainConfig(compute_dtype=dtype, remat=remat, cond_drop_prob=0.1,
                          attention=None if attention == "auto" else attention)
     tx, schedule = make_optimizer(dict(learning_rate=1e-4))
-    clip = spec.cond_stage.config
-    null = np.zeros(clip.max_length, np.int32)
+    sharding = batch_sharding(mesh)
+    text, null = text_inputs(spec, batch, sharding)
     step = make_ldm_train_step(spec, cfg, tx, schedule, mesh, null_tokens=null)
     state, frozen = ldm_state_shardings(spec, cfg, tx, mesh)
-    sharding = batch_sharding(mesh)
     f = spec.first_stage.downsample_factor
     if inputs == "image":
         x = jax.ShapeDtypeStruct((batch, resolution, resolution, 3), jnp.float32, sharding=sharding)
@@ -93,9 +128,8 @@ def measure(spec, mesh, inputs: str, remat: str, dtype: str, batch: int, resolut
         size = resolution // f
         x = jax.ShapeDtypeStruct((batch, size, size, spec.first_stage.embed_dim), jnp.float32,
                                  sharding=sharding)  # fmt: skip
-    tokens = jax.ShapeDtypeStruct((batch, clip.max_length), jnp.int32, sharding=sharding)
     start = time.perf_counter()
-    compiled = step.lower(state, frozen, {inputs: x, "tokens": tokens}, jax.random.key(0)).compile()
+    compiled = step.lower(state, frozen, {inputs: x, **text}, jax.random.key(0)).compile()
     seconds = time.perf_counter() - start
     mem = compiled.memory_analysis()
     args, out = mem.argument_size_in_bytes, mem.output_size_in_bytes
@@ -117,6 +151,38 @@ def measure(spec, mesh, inputs: str, remat: str, dtype: str, batch: int, resolut
     )
 
 
+def sharded_argument_bytes(spec, mesh, dtype: str) -> dict:
+    """Largest per-device bytes of the train state (params, AdamW moments, EMA: fp32) and the
+    frozen params, from the shardings the FSDP rules give them (no compile, no memory)."""
+    import numpy as np
+
+    from ldm_jax.training.ldm_step import LDMTrainConfig, ldm_state_shardings
+    from ldm_jax.training.optimizer import make_optimizer
+
+    cfg = LDMTrainConfig(compute_dtype=dtype)
+    tx, _ = make_optimizer(dict(learning_rate=1e-4))
+    state, frozen = ldm_state_shardings(spec, cfg, tx, mesh)
+
+    def per_device(tree) -> int:
+        import jax
+
+        return sum(
+            int(np.prod(a.sharding.shard_shape(a.shape))) * np.dtype(a.dtype).itemsize
+            for a in jax.tree.leaves(tree) if hasattr(a, "sharding")
+        )
+
+    def whole(tree) -> int:
+        import jax
+
+        return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
+                   for a in jax.tree.leaves(tree) if hasattr(a, "shape"))
+
+    return {
+        "state": per_device(state), "frozen": per_device(frozen),
+        "state_whole": whole(state), "frozen_whole": whole(frozen),
+    }
+
+
 def unet_residual_bytes(spec, cfg, per_device_batch: int, resolution: int) -> int:
     """Bytes of the values the UNet loss's forward pass keeps for its backward pass at one
     device's batch (arguments such as the params excluded): what remat policies trade."""
@@ -133,15 +199,17 @@ def unet_residual_bytes(spec, cfg, per_device_batch: int, resolution: int) -> in
     x = jax.ShapeDtypeStruct((per_device_batch, size, size, u.in_channels), jnp.float32)
     t = jax.ShapeDtypeStruct((per_device_batch,), jnp.int32)
     context = jax.ShapeDtypeStruct((per_device_batch, 77, u.context_dim), jnp.float32)
-    params = jax.eval_shape(unet.init, jax.random.key(0), x, t, context)["params"]
+    y = (None if u.adm_in_channels is None else  # SDXL's text_time vector
+         jax.ShapeDtypeStruct((per_device_batch, u.adm_in_channels), jnp.float32))
+    params = jax.eval_shape(unet.init, jax.random.key(0), x, t, context, y)["params"]
     params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32),
                           nn_unbox(params))
 
-    def loss(params, x, t, context):
-        out = unet.apply({"params": params}, x, t, context)
+    def loss(params, x, t, context, y):
+        out = unet.apply({"params": params}, x, t, context, y)
         return jnp.mean(jnp.square(out.astype(jnp.float32)))
 
-    kept = saved_residuals(loss, params, x, t, context)
+    kept = saved_residuals(loss, params, x, t, context, y)
     return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
                for a, where in kept if "from the argument" not in where)
 
@@ -223,7 +291,10 @@ def main(argv=None) -> None:
     from ldm_jax.models.params import count_params
     from ldm_jax.training.sharding import make_mesh
 
-    spec = tiny_spec() if args.tiny else sd15_spec()
+    spec = tiny_spec(args.model) if args.tiny else {"sd15": sd15_spec, "sdxl": sdxl_spec}[
+        args.model]()
+    if args.resolution is None:
+        args.resolution = 1024 if args.model == "sdxl" else 512
     mesh = make_mesh(("data", "fsdp", "tensor"), (1, -1, 1))
     batch = args.per_device_batch * args.devices
     counts = {k: count_params(v) for k, v in abstract_checkpoint_params(spec).items()}
@@ -234,6 +305,13 @@ def main(argv=None) -> None:
         f"params {counts} (UNet trained with AdamW + EMA, the rest frozen)",
         flush=True,
     )
+    if args.args_only:
+        b = sharded_argument_bytes(spec, mesh, args.dtypes.split(",")[0])
+        print(f"per device: train state {b['state'] / GIB:.3f} GiB (whole "
+              f"{b['state_whole'] / GIB:.2f}), frozen params {b['frozen'] / GIB:.3f} GiB (whole "
+              f"{b['frozen_whole'] / GIB:.2f}); total {(b['state'] + b['frozen']) / GIB:.3f} GiB "
+              "before gradients and activations")
+        return
     rows = []
     for inputs in args.inputs.split(","):
         for remat in args.remat.split(","):
@@ -246,6 +324,8 @@ def main(argv=None) -> None:
     for r in rows:
         print(row(r))
     per_device = args.per_device_batch
+    if spec.cond_stage.kind == "sdxl":  # its first level has no transformer: no derived bound
+        return
     for dtype in args.dtypes.split(","):
         transients = block_transient_bytes(spec, dtype, per_device, args.resolution)
         largest = max(transients.values()) / GIB

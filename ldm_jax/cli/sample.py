@@ -3,7 +3,7 @@
     python sample.py --checkpoint PATH_OR_ID --prompt "a photo of a cat" [--n 4] [--steps 50]
         [--sampler NAME] [--guidance 7.5] [--seed S] [--out outputs/]
         [--init-image PATH --strength 0.75] [--mask PATH] [--class-label N] [--low-res-image PATH]
-        [--lora PATH[:SCALE] ...]
+        [--lora PATH[:SCALE] ...] [--textual-inversion PATH[:TOKEN] ...]
 
 The checkpoint decides the task: text-to-image (--prompt), unconditional (no conditioning flag),
 class-conditional (--class-label), image-to-image (--init-image, --strength), inpainting
@@ -160,6 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="merge a LoRA file (kohya/A1111 or diffusers/PEFT .safetensors, or .ckpt/.pt) into "
         "the UNet and text encoder, weighted by SCALE (default 1); repeat for several",
     )
+    parser.add_argument(
+        "--textual-inversion",
+        action="append",
+        default=[],
+        metavar="PATH[:TOKEN]",
+        help="add a textual-inversion embedding (A1111 .pt/.safetensors, diffusers "
+        "learned_embeds.bin/.safetensors, SDXL clip_l/clip_g) as TOKEN (default: the file's "
+        "token or name); repeat for several",
+    )
     tasks = parser.add_argument_group(
         "tasks (the checkpoint decides which apply; images are never resized: a size mismatch is "
         "an error naming the expected size)"
@@ -225,8 +234,26 @@ def check_args(args) -> None:
         if value is not None and value < 1:
             raise UsageError(f"--{flag} must be positive, got {value}")
     args.loras = check_loras(args.lora)
+    args.embeddings = check_textual_inversions(args.textual_inversion)
     require_checkpoint(args.checkpoint, hint=f"pass {CHECKPOINT_HELP}")
     check_output_folder(args.out, [*output_names(args.n), GRID_NAME], args.overwrite)
+
+
+def check_textual_inversions(values: list[str]) -> list[tuple[str, str | None]]:
+    """--textual-inversion PATH[:TOKEN] values -> [(path, token or None)]; a path that is itself
+    a file keeps its colons."""
+    embeddings = []
+    for value in values:
+        path, token = value, None
+        head, colon, tail = value.rpartition(":")
+        if colon and not Path(value).expanduser().is_file():
+            path, token = head, tail
+            if not token.strip():
+                raise UsageError(f"--textual-inversion {value}: TOKEN is empty")
+        if not Path(path).expanduser().is_file():
+            raise UsageError(f"--textual-inversion {path} is not a file")
+        embeddings.append((path, token))
+    return embeddings
 
 
 def check_loras(values: list[str]) -> list[tuple[str, float]]:
@@ -422,10 +449,17 @@ def _sample(args) -> int:
                 pipe.load_lora(Path(path).expanduser(), scale, name=path)
             except ValueError as error:  # UnsupportedLoRAError included
                 raise UsageError(f"--lora {path}: {error}") from error
+        for path, token in args.embeddings:
+            try:
+                pipe.load_textual_inversion(Path(path).expanduser(), token)
+            except ValueError as error:  # TextualInversionError included
+                raise UsageError(f"--textual-inversion {path}: {error}") from error
         return _sample_and_write(args, pipe)
     finally:
         if args.loras:  # the cached pipeline serves the next command without them
             pipe.unload_lora()
+        if args.embeddings:
+            pipe.unload_textual_inversion()
 
 
 def _sample_and_write(args, pipe) -> int:
@@ -478,6 +512,10 @@ def _sample_and_write(args, pipe) -> int:
             metadata[key] = getattr(args, key)
     if args.loras:
         metadata["lora"] = [f"{path}:{scale:g}" for path, scale in args.loras]
+    if args.embeddings:
+        metadata["textual_inversion"] = [
+            path if token is None else f"{path}:{token}" for path, token in args.embeddings
+        ]
     written = write_images(result.images, Path(args.out), metadata, result.seeds)
     names = [p.name for p in written[:-1]]
     names = ", ".join(names) if len(names) <= 4 else f"{names[0]} ... {names[-1]}"

@@ -35,7 +35,8 @@ def sample(
     """Run Euler from x_T (unit noise) over float ``timesteps`` (decreasing); returns x_0.
 
     ``init_noise``: "sigma_max" (diffusers' linspace/trailing spacing) or "vp" (leading), see
-    ``sigmas.initial_sample``. rng is unused (deterministic).
+    ``sigmas.initial_sample``. ``last_step`` (exclusive) stops early, at that step's sigma
+    (``sigmas.sampling_sigmas``). rng is unused (deterministic).
     """
     del rng
     kind = canonical_prediction_type(prediction_type)

@@ -37,7 +37,7 @@ def sample(
     """Run Euler ancestral from x_T (unit noise) over float ``timesteps``; returns x_0.
 
     Per-step noise comes from ``noise`` [N, *x_T.shape] or ``fold_in(rng, i)``; ``init_noise`` as
-    in ``euler.sample``.
+    in ``euler.sample``, and ``last_step``.
     """
     kind = canonical_prediction_type(prediction_type)
     t_N, sigma_N1 = sigmas.sampling_sigmas(

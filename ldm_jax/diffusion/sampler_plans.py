@@ -161,12 +161,14 @@ def cutoff_timestep(fraction: float, num_train_timesteps: int) -> int:
 def denoising_window(
     plan: SamplerPlan, schedule, num_train_timesteps: int, start=None, end=None
 ) -> SamplerPlan:
-    """The plan (of all N steps) run from ``start`` to ``end``, fractions of the noise schedule as
-    diffusers' SDXL pipelines cut it: ``denoising_end`` keeps the steps whose timestep is >=
-    the cutoff (base, ``StableDiffusionXLPipeline``), ``denoising_start`` the steps < its cutoff
-    (refiner, ``StableDiffusionXLImg2ImgPipeline.get_timesteps``). Stopping early leaves the
-    latents at the next step's noise level, in the sampler's own space (sigma space for Euler),
-    which is where a ``start`` run with the same sampler and steps picks them up."""
+    """The plan run from ``start`` to ``end``, fractions of the noise schedule as diffusers'
+    SDXL pipelines cut it: ``denoising_end`` keeps the steps whose timestep is >= the cutoff
+    (base, ``StableDiffusionXLPipeline``), ``denoising_start`` the steps < its cutoff (refiner,
+    ``StableDiffusionXLImg2ImgPipeline.get_timesteps``; a plan of all N steps). An
+    image-to-image plan (strength) is cut within its steps, as diffusers' img2img does with
+    denoising_end. Stopping early leaves the latents at the next step's noise level, in the
+    sampler's own space (sigma space for Euler), where a ``start`` run with the same sampler and
+    steps picks them up."""
     if start is None and end is None:
         return plan
     if plan.module not in WINDOW_MODULES:
@@ -174,25 +176,27 @@ def denoising_window(
             f"denoising_start / denoising_end need one of the samplers {WINDOW_MODULES} "
             f"(not {plan.name}): multistep and second-order solvers have no clean cut"
         )
-    if dict(plan.options).get("first_step", 0):
-        raise ValueError("denoising_window takes the plan of all N steps (first_step 0)")
-    t_N = np.asarray(visited_timesteps(plan, schedule))
-    N, T = t_N.shape[0], num_train_timesteps
-    first = 0 if start is None else N - int((t_N < cutoff_timestep(start, T)).sum())
-    last = N if end is None else int((t_N >= cutoff_timestep(end, T)).sum())
     if start is not None and end is not None and float(start) >= float(end):
         raise ValueError(f"denoising_start {start} must be below denoising_end {end}")
+    options = dict(plan.options)
+    offset = options.get("first_step", 0)  # image-to-image's strength: the window is within it
+    if start is not None and offset:
+        raise ValueError("denoising_start replaces strength: pass the plan of all steps")
+    t_N = np.asarray(visited_timesteps(plan, schedule))
+    n, T = t_N.shape[0], num_train_timesteps
+    first = 0 if start is None else n - int((t_N < cutoff_timestep(start, T)).sum())
+    last = n if end is None else int((t_N >= cutoff_timestep(end, T)).sum())
     if not first < last:
         raise ValueError(
-            f"denoising_start={start} / denoising_end={end} leave none of the {N} steps "
+            f"denoising_start={start} / denoising_end={end} leave none of the {n} steps "
             f"(timesteps {t_N.round(1).tolist()}): change them or num_inference_steps"
         )
     if plan.module in INTEGER_MODULES:
         prev = None if plan.prev_timesteps is None else plan.prev_timesteps[first:last]
         return dataclasses.replace(plan, timesteps=plan.timesteps[first:last], prev_timesteps=prev)
-    options = dict(plan.options) | {"first_step": first}
-    if last < N:
-        options["last_step"] = last
+    options["first_step"] = offset + first
+    if last < n:
+        options["last_step"] = offset + last
     return dataclasses.replace(plan, options=tuple(sorted(options.items())))
 
 

@@ -45,6 +45,7 @@ them::
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -57,6 +58,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ldm_jax.checkpoints import LatentDiffusionCheckpoint, save_checkpoint
 from ldm_jax.checkpoints.lora import merged_kernels, read_lora, replace_leaves
+from ldm_jax.checkpoints.textual_inversion import SDXL_KEYS as SDXL_TI_KEYS
+from ldm_jax.checkpoints.textual_inversion import (
+    TextualInversionError,
+    read_textual_inversion,
+)
 from ldm_jax.compile_options import compiler_options
 from ldm_jax.diffusion import SAMPLERS, classifier_free_guidance, sampler_plans
 from ldm_jax.images import to_pil as images_to_pil
@@ -175,7 +181,14 @@ class LatentDiffusionPipeline:
     def save_pretrained(self, destination, *, format: str = "diffusers",  # noqa: A002
                         overwrite: bool = False) -> Path:  # fmt: skip
         """Write the spec, params (in their current dtype) and tokenizer as "diffusers" (folder),
-        "compvis" (.safetensors file) or "orbax" (folder), as ``save_checkpoint`` does."""
+        "compvis" (.safetensors file) or "orbax" (folder), as ``save_checkpoint`` does. Loaded
+        LoRAs are written merged; loaded textual inversions are refused (their tokens would be
+        written as ordinary vocabulary entries and split apart when read back)."""
+        if getattr(self, "_ti_base", None) is not None:
+            raise ValueError(
+                "save_pretrained with textual inversions loaded would write a tokenizer that "
+                "splits their tokens: call unload_textual_inversion() first"
+            )
         checkpoint = LatentDiffusionCheckpoint(
             self.spec, jax.device_get(self.params), self.tokenizer
         )
@@ -253,6 +266,106 @@ class LatentDiffusionPipeline:
         merged = merged_kernels(host_leaf, loras.values())
         placed = {where: jax.device_put(v, base[where].sharding) for where, v in merged.items()}
         self.params = replace_leaves(self._lora_base, placed)
+
+    # --- textual inversion: new tokens and embedding rows. The vocabulary size is a param shape,
+    # so the first call after loading or unloading compiles once more (then cached per size).
+
+    def load_textual_inversion(self, path_or_array, token: str | None = None) -> tuple[str, ...]:
+        """Add a textual-inversion embedding: an A1111 ``.pt`` (string_to_param), an
+        A1111/civitai ``.safetensors`` (emb_params), a diffusers ``learned_embeds.bin`` /
+        ``.safetensors`` ({token: vectors}), a state dict, or an array [D] / [n, D] (needs
+        ``token``); SDXL (base and refiner) takes files with ``clip_l`` / ``clip_g`` vectors,
+        one per text encoder. The token defaults to the file's (A1111 ``name``, the diffusers
+        key, else the file's stem). An n-vector embedding adds ``tok``, ``tok_1``, ...,
+        ``tok_{n-1}`` and a prompt's ``tok`` expands to all of them, as diffusers'
+        ``maybe_convert_prompt`` does. Returns the added tokens. TextualInversionError (a
+        ValueError) for a width other than the text encoder's, NaN/inf values, a token already
+        in the vocabulary or an unknown file layout; nothing changes on any error. The text
+        encoders' vocab_size grows, so the next call compiles once more."""
+        encoders = self._ti_encoders()
+        ti = read_textual_inversion(path_or_array, token)
+        keys = [key for _, key in encoders]
+        missing = [key for key in keys if key not in ti.vectors]
+        if missing:
+            needs = "one [n, D] embedding (SD 1.x/2.x)" if keys == [""] else f"{keys} vectors"
+            raise TextualInversionError(
+                f"{ti.source} holds {sorted(ti.vectors) if keys != [''] else 'SDXL'} vectors; "
+                f"this model's text encoders need {needs}"
+            )
+        flat = flax.traverse_util.flatten_dict(self.params)
+        for where, key in encoders:
+            width, expected = ti.vectors[key].shape[1], flat[where].shape[1]
+            if width != expected:
+                raise TextualInversionError(
+                    f"{ti.source}{' ' + key if key else ''}: embedding width {width} does not "
+                    f"fit this text encoder's {expected} (an embedding trained for another "
+                    "model, e.g. SD 2.x (1024) on SD 1.x (768))"
+                )
+        tokenizers = self._ti_tokenizers()
+        try:
+            added = [tokenizer.with_added_tokens(ti.tokens) for tokenizer in tokenizers]
+        except ValueError as error:
+            raise TextualInversionError(f"{ti.source}: {error}") from None
+        if getattr(self, "_ti_base", None) is None:  # what unload_textual_inversion restores
+            tables = {where: flat[where] for where, _ in encoders}
+            self._ti_base = (self.spec, self.tokenizer, self.cond_stage, tables)
+        tables = {}
+        for where, key in encoders:
+            host_VD = np.asarray(jax.device_get(flat[where]))
+            rows = np.concatenate([host_VD, ti.vectors[key].astype(host_VD.dtype)])
+            tables[where] = jax.device_put(rows, flat[where].sharding)
+        tokenizer = added[0] if len(keys) == 1 and keys == [""] else type(self.tokenizer)(added)
+        self._set_vocabulary(tokenizer, tables)
+        return ti.tokens
+
+    def unload_textual_inversion(self) -> None:
+        """Remove every loaded embedding: the original tokenizer, spec and embedding tables."""
+        base = getattr(self, "_ti_base", None)
+        if base is None:
+            return
+        spec, tokenizer, module, tables = base
+        self._set_vocabulary(tokenizer, tables, spec, module)
+        self._ti_base = None
+
+    def _ti_encoders(self) -> list[tuple[tuple[str, ...], str]]:
+        """(params path of the token table, the file's key) per text encoder."""
+        cond = self.spec.cond_stage
+        table = ("token_embedding", "embedding")
+        if cond is not None and cond.kind in ("clip", "openclip"):
+            return [(("cond_stage", *table), "")]
+        if cond is not None and cond.kind == "sdxl":  # refiner: bigG only
+            keys = SDXL_TI_KEYS[-len(cond.config.text_encoders) :]
+            return [(("cond_stage", f"encoder_{i}", *table), k) for i, k in enumerate(keys)]
+        raise TextualInversionError(
+            "textual inversion needs CLIP/OpenCLIP text encoders (SD 1.x/2.x/XL); this model's "
+            f"cond stage is {None if cond is None else cond.kind!r}"
+        )
+
+    def _ti_tokenizers(self) -> list:
+        sdxl = self.spec.cond_stage.kind == "sdxl"
+        return list(self.tokenizer.tokenizers) if sdxl else [self.tokenizer]
+
+    def _set_vocabulary(self, tokenizer, tables, spec=None, module=None) -> None:
+        if spec is None:
+            cond = self.spec.cond_stage
+            sizes = [int(table.shape[0]) for table in tables.values()]
+            if cond.kind == "sdxl":
+                encoders = tuple(
+                    dataclasses.replace(e, vocab_size=n)
+                    for e, n in zip(cond.config.text_encoders, sizes, strict=True)
+                )
+                config = dataclasses.replace(cond.config, text_encoders=encoders)
+            else:
+                config = dataclasses.replace(cond.config, vocab_size=sizes[0])
+            spec = dataclasses.replace(
+                self.spec, cond_stage=dataclasses.replace(cond, config=config)
+            )
+            module = self.cond_stage.clone(config=config)
+        self.params = replace_leaves(self.params, tables)
+        if getattr(self, "_lora_base", None) is not None:  # LoRAs leave the embeddings alone
+            self._lora_base = replace_leaves(self._lora_base, tables)
+        self.spec, self.tokenizer, self.cond_stage = spec, tokenizer, module
+        self.modules = {**self.modules, "cond_stage": module}
 
     @property
     def vae_scale_factor(self) -> int:

@@ -16,6 +16,7 @@ The text pipeline is transformers' `CLIPTokenizer` (NFC, whitespace runs collaps
 CLIP split regex, byte-level BPE), built in memory from `vocab=`/`merges=`.
 """
 
+import copy
 import functools
 import gzip
 import os
@@ -210,6 +211,55 @@ class CLIPTokenizer(VocabTokenizer):
             pad_token_id = vocab[pad]
         return cls(vocab, merges, pad_token_id=pad_token_id, source=str(folder), **kwargs)
 
+    # --- added tokens (textual inversion)
+
+    def with_added_tokens(self, tokens: Sequence[str]) -> "CLIPTokenizer":
+        """A copy whose vocabulary ends with `tokens` (ids vocab_size, vocab_size + 1, ...),
+        added as transformers' `add_tokens` (and diffusers' load_textual_inversion) add them:
+        matched whole in a prompt, never split by BPE. Padding is unchanged; this tokenizer
+        is not modified. ValueError for a token already in the vocabulary or repeated."""
+        tokens = [str(t) for t in tokens]
+        taken = [t for t in tokens if t in self._vocab or t in self._hf.get_vocab()]
+        repeated = sorted({t for t in tokens if tokens.count(t) > 1})
+        if taken or repeated:
+            raise ValueError(
+                f"tokens {taken or repeated} are already in the vocabulary"
+                + ("" if taken else " (repeated)")
+                + "; choose another token name"
+            )
+        new = copy.copy(self)
+        new._hf = copy.deepcopy(self._hf)
+        vocab = dict(self._vocab)
+        for token in tokens:  # one at a time, as diffusers adds them
+            new._hf.add_tokens(token)
+            vocab[token] = new._hf.convert_tokens_to_ids(token)
+        expected = list(range(len(self._vocab), len(vocab)))
+        if [vocab[t] for t in tokens] != expected:  # the embedding rows are appended in order
+            raise ValueError(f"transformers gave the added tokens {tokens} ids not {expected}")
+        new._vocab = types.MappingProxyType(vocab)
+        new._added = (*self.added_tokens, *tokens)
+        return new
+
+    @property
+    def added_tokens(self) -> tuple[str, ...]:
+        """Tokens added by `with_added_tokens`, in id order."""
+        return getattr(self, "_added", ())
+
+    def expand_prompt(self, text: str) -> str:
+        """diffusers' `maybe_convert_prompt`: an added token `tok` whose vectors continue as
+        `tok_1`, `tok_2`, ... becomes "tok tok_1 tok_2 ..." (a plain string replace of every
+        occurrence, as diffusers does)."""
+        added = set(self.added_tokens)
+        if not added:
+            return text
+        for token in sorted(set(self._hf.tokenize(text)) & added):
+            replacement, i = token, 1
+            while f"{token}_{i}" in added:
+                replacement += f" {token}_{i}"
+                i += 1
+            text = text.replace(token, replacement)
+        return text
+
     # --- use
 
     @property
@@ -218,7 +268,7 @@ class CLIPTokenizer(VocabTokenizer):
 
     def __call__(self, texts: str | Sequence[str], *, return_attention_mask: bool = False):
         """ids [B, max_length] int32 (and the attention mask, 1 on BOS..EOS, if asked)."""
-        texts = as_text_list(texts)
+        texts = [self.expand_prompt(t) for t in as_text_list(texts)]
         encoded = (
             self._hf(texts, truncation=True, max_length=self.max_length)["input_ids"]
             if texts

@@ -98,3 +98,23 @@ TINY_SDXL = ModelSpec(
     cond_stage=CondStageSpec("sdxl", TINY_SDXL_CONDITIONER),
     diffusion=DiffusionSpec(scale_factor=0.13025, conditioning_key="crossattn_adm", latent_size=8),
 )
+
+
+# The smallest SDXL that keeps every part (two encoders read at the penultimate layer, the
+# pooled projection, text_time y, a transformer-free first level): the training tests compile it.
+MICRO_SDXL_CONDITIONER = SDXLConditionerConfig(
+    text_encoders=(
+        dataclasses.replace(_sdxl_text(16, 2, "quick_gelu"), max_length=8, mlp_dim=32),
+        dataclasses.replace(_sdxl_text(16, 2, "gelu", 8), max_length=8, mlp_dim=32),
+    ),
+    time_embed_dim=8,
+)
+MICRO_SDXL = dataclasses.replace(
+    TINY_SDXL,
+    unet=dataclasses.replace(
+        TINY_SDXL_UNET, model_channels=16, num_heads=2, transformer_depth=(0, 1),
+        context_dim=MICRO_SDXL_CONDITIONER.context_dim,
+        adm_in_channels=MICRO_SDXL_CONDITIONER.adm_dim,
+    ),
+    cond_stage=CondStageSpec("sdxl", MICRO_SDXL_CONDITIONER),
+)
