@@ -104,9 +104,9 @@ def test_validation_errors_name_what_is_wrong():
         spec_from_dict(data)
 
 
-def test_model_task_refuses_sdxl_clearly():
-    with pytest.raises(NotImplementedError, match="sampling them is not implemented yet"):
-        model_task(TINY_SDXL)
+def test_model_task_samples_sdxl_as_text_to_image():  # tests/test_pipeline_sdxl.py samples it
+    task = model_task(TINY_SDXL)
+    assert (task.name, task.conditioning, task.takes_init_image) == ("text-to-image", "text", True)
 
 
 def _our_params(pipe) -> dict:

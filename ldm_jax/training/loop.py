@@ -262,7 +262,8 @@ def run(config, workdir, task, *, stream=None, label: str | None = None) -> RunR
                     compiled[signature] = _compile(task.train_step, state, batch, rng_i)
                     compile_end = time.perf_counter()
                     if not first:
-                        writer.write_text(f"{label}: compiled batch shapes {signature} in "
+                        shapes = ", ".join(f"{k} {list(v)}" for k, v, _ in signature)
+                        writer.write_text(f"{label}: compiled for batch shapes {shapes} in "
                                           f"{compile_end - compile_start:.1f} s")
                 step_fn, flops = compiled[signature]
                 state, device_metrics = step_fn(state, batch, rng_i)
