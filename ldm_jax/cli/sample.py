@@ -22,14 +22,10 @@ moved into place.
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
+from ldm_jax.cli.adapter_flags import check_loras, check_textual_inversions
 from ldm_jax.cli.common import (
     DEFAULT_CHECKPOINT,
     SAMPLERS,
@@ -43,7 +39,7 @@ from ldm_jax.cli.common import (
     require_checkpoint,
     run_command,
 )
-from ldm_jax.images import make_grid, to_pil
+from ldm_jax.cli.sample_files import GRID_NAME, output_names, write_images
 from ldm_jax.models.attention_dispatch import ATTENTION_CHOICES
 from ldm_jax.sampler_options import (
     SAMPLER_ALIASES,
@@ -57,7 +53,6 @@ from ldm_jax.sampler_options import (
 )
 
 DTYPES = ("float32", "bfloat16", "float16")  # float16: GPUs without bfloat16 (T4, V100)
-GRID_NAME = "grid.png"
 CHECKPOINT_HELP = (
     "a diffusers folder, a CompVis .safetensors/.ckpt file, an ldm_jax orbax folder, or a hub id "
     "(org/name, downloaded when named)"
@@ -196,12 +191,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def output_names(n: int) -> list[str]:
-    """The per-image file names for n images: 00.png, 01.png, ..."""
-    digits = max(2, len(str(n - 1)))
-    return [f"{i:0{digits}d}.png" for i in range(n)]
-
-
 def check_args(args) -> None:
     """Checks that need no model; UsageError on the first problem."""
     if not args.checkpoint:
@@ -237,45 +226,6 @@ def check_args(args) -> None:
     args.embeddings = check_textual_inversions(args.textual_inversion)
     require_checkpoint(args.checkpoint, hint=f"pass {CHECKPOINT_HELP}")
     check_output_folder(args.out, [*output_names(args.n), GRID_NAME], args.overwrite)
-
-
-def check_textual_inversions(values: list[str]) -> list[tuple[str, str | None]]:
-    """--textual-inversion PATH[:TOKEN] values -> [(path, token or None)]; a path that is itself
-    a file keeps its colons."""
-    embeddings = []
-    for value in values:
-        path, token = value, None
-        head, colon, tail = value.rpartition(":")
-        if colon and not Path(value).expanduser().is_file():
-            path, token = head, tail
-            if not token.strip():
-                raise UsageError(f"--textual-inversion {value}: TOKEN is empty")
-        if not Path(path).expanduser().is_file():
-            raise UsageError(f"--textual-inversion {path} is not a file")
-        embeddings.append((path, token))
-    return embeddings
-
-
-def check_loras(values: list[str]) -> list[tuple[str, float]]:
-    """--lora PATH[:SCALE] values -> [(path, scale)]; a path that is itself a file keeps its
-    colons."""
-    loras = []
-    for value in values:
-        path, scale = value, 1.0
-        head, colon, tail = value.rpartition(":")
-        if colon and not Path(value).expanduser().is_file():
-            try:
-                path, scale = head, float(tail)
-            except ValueError:
-                raise UsageError(f"--lora {value}: SCALE must be a number, got {tail!r}") from None
-        if not math.isfinite(scale):
-            raise UsageError(f"--lora {value}: SCALE must be finite, got {tail}")
-        if not Path(path).expanduser().is_file():
-            raise UsageError(f"--lora {path} is not a file")
-        if path in [p for p, _ in loras]:
-            raise UsageError(f"--lora {path} is given twice")
-        loras.append((path, scale))
-    return loras
 
 
 def check_model(args, pipe) -> None:
@@ -399,39 +349,6 @@ def prompt_warnings(tokenizer, prompts) -> list[str]:
                 "the rest is ignored"
             )
     return warnings
-
-
-def write_images(images_BHWC, out: Path, metadata: dict, seeds=None) -> list[Path]:
-    """Save the per-image PNGs and grid.png, each with ``metadata`` as its "parameters" text
-    (plus the image's own seed; the grid lists them all), into ``out``: all are written into a
-    temporary folder there first, then moved into place, so a failed encode leaves no partial
-    set."""
-    from PIL import Image  # noqa: PLC0415
-    from PIL.PngImagePlugin import PngInfo  # noqa: PLC0415
-
-    def info(**extra) -> PngInfo:
-        text = PngInfo()
-        text.add_text("parameters", json.dumps({**metadata, **extra}))
-        return text
-
-    names = output_names(len(images_BHWC))
-    grid = Image.fromarray(make_grid(images_BHWC))
-    seeds = [None] * len(names) if seeds is None else list(seeds)
-    infos = [info() if seed is None else info(seed=seed) for seed in seeds]
-    infos.append(info() if seeds[0] is None else info(seeds=seeds))
-    files = [*zip(names, to_pil(images_BHWC), strict=True), (GRID_NAME, grid)]
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".sample-", dir=out))
-    try:
-        for (name, image), text in zip(files, infos, strict=True):
-            image.save(staging / name, pnginfo=text)
-        written = []
-        for name, _ in files:
-            os.replace(staging / name, out / name)
-            written.append(out / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return written
 
 
 def main(argv=None) -> int:
