@@ -23,6 +23,12 @@ backward pass (the jaxpr's residuals of the UNet loss at the per-device batch,
     python benchmarks/train_memory.py [--devices 8] [--per-device-batch 8] [--resolution 512]
         [--inputs latents,image] [--remat none,blocks,save_dots_no_batch] [--dtypes bfloat16]
         [--scheduler memory|concurrency] [--attention auto] [--model sd15|sdxl] [--tiny]
+        [--lora 0,16]
+
+--lora R: LoRA training of rank R on the UNet's attention projections (to_q, to_k, to_v,
+to_out.0; configs/lora_sd15.py) instead of the UNet itself: every network frozen (sharded the
+same way), only the adapters and their AdamW moments (and EMA) in the state; 0 = full
+fine-tuning. A comma list gives one row each.
 
 SDXL (--model sdxl): the sdxl-base preset (UNet 2.57 B trained; CLIP ViT-L + OpenCLIP bigG and
 the VAE frozen) at 1024 px, tokens [B, 2, 77] and the size/crop ids in the batch, as
@@ -50,6 +56,8 @@ def _parse(argv):
                         help="XLA:CPU scheduler (memory: the one whose peak reflects remat)")
     parser.add_argument("--attention", default="auto", help="attention implementation")
     parser.add_argument("--tiny", action="store_true", help="tiny networks (a smoke test)")
+    parser.add_argument("--lora", default="0",
+                        help="LoRA ranks to measure (0 = full fine-tuning), e.g. 0,16")
     parser.add_argument("--args-only", action="store_true",
                         help="no compile: per-device bytes of the sharded state and frozen params "
                              "from their shardings (seconds, where a full SDXL compile takes long)")
@@ -101,8 +109,22 @@ def text_inputs(spec, batch: int, sharding) -> tuple:
     return entries, np.zeros((encoders, length), np.int32)
 
 
+def lora_training(spec, rank: int):
+    """The LoRATraining of configs/lora_sd15.py's targets at `rank` (None for 0: full)."""
+    import ml_collections
+
+    from ldm_jax.training.lora_setup import lora_from_config
+
+    if rank == 0:
+        return None
+    targets = ("to_q", "to_k", "to_v", "to_out.0")
+    config = ml_collections.ConfigDict(dict(rank=rank, alpha=float(rank), unet_targets=targets,
+                                            text_encoder_targets=(), export_formats=()))
+    return lora_from_config(config, spec)
+
+
 def measure(spec, mesh, inputs: str, remat: str, dtype: str, batch: int, resolution: int,
-            attention: str = "auto") -> dict:
+            attention: str = "auto", lora_rank: int = 0) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -115,7 +137,8 @@ def measure(spec, mesh, inputs: str, remat: str, dtype: str, batch: int, resolut
     from ldm_jax.training.sharding import batch_sharding
 
     cfg = LDMTrainConfig(compute_dtype=dtype, remat=remat, cond_drop_prob=0.1,
-                         attention=None if attention == "auto" else attention)
+                         attention=None if attention == "auto" else attention,
+                         lora=lora_training(spec, lora_rank))
     tx, schedule = make_optimizer(dict(learning_rate=1e-4))
     sharding = batch_sharding(mesh)
     text, null = text_inputs(spec, batch, sharding)
@@ -138,6 +161,7 @@ def measure(spec, mesh, inputs: str, remat: str, dtype: str, batch: int, resolut
     cost = cost[0] if isinstance(cost, list) else cost
     return dict(
         inputs=inputs,
+        trained=f"LoRA r{lora_rank}" if lora_rank else "full",
         remat=remat,
         dtype=dtype,
         args=args / GIB,
@@ -151,7 +175,7 @@ def measure(spec, mesh, inputs: str, remat: str, dtype: str, batch: int, resolut
     )
 
 
-def sharded_argument_bytes(spec, mesh, dtype: str) -> dict:
+def sharded_argument_bytes(spec, mesh, dtype: str, lora_rank: int = 0) -> dict:
     """Largest per-device bytes of the train state (params, AdamW moments, EMA: fp32) and the
     frozen params, from the shardings the FSDP rules give them (no compile, no memory)."""
     import numpy as np
@@ -159,7 +183,7 @@ def sharded_argument_bytes(spec, mesh, dtype: str) -> dict:
     from ldm_jax.training.ldm_step import LDMTrainConfig, ldm_state_shardings
     from ldm_jax.training.optimizer import make_optimizer
 
-    cfg = LDMTrainConfig(compute_dtype=dtype)
+    cfg = LDMTrainConfig(compute_dtype=dtype, lora=lora_training(spec, lora_rank))
     tx, _ = make_optimizer(dict(learning_rate=1e-4))
     state, frozen = ldm_state_shardings(spec, cfg, tx, mesh)
 
@@ -262,15 +286,16 @@ def nn_unbox(tree):
 
 
 HEADER = (
-    "| input | remat | compute | args GiB | outputs GiB | aliased GiB | temps GiB | total GiB "
-    "| kept for backward GiB | TFLOP/device/step | compile s |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|"
+    "| input | trained | remat | compute | args GiB | outputs GiB | aliased GiB | temps GiB "
+    "| total GiB | kept for backward GiB | TFLOP/device/step | compile s |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
 def row(r: dict) -> str:
     return (
-        f"| {r['inputs']} | {r['remat']} | {r['dtype']} | {r['args']:.2f} | {r['out']:.2f} "
+        f"| {r['inputs']} | {r['trained']} | {r['remat']} | {r['dtype']} | {r['args']:.2f} "
+        f"| {r['out']:.2f} "
         f"| {r['alias']:.2f} | {r['temp']:.2f} | {r['total']:.2f} | {r['residuals']:.2f} "
         f"| {r['tflops']:.2f} "
         f"| {r['compile_s']:.0f} |"
@@ -305,21 +330,25 @@ def main(argv=None) -> None:
         f"params {counts} (UNet trained with AdamW + EMA, the rest frozen)",
         flush=True,
     )
+    ranks = [int(r) for r in args.lora.split(",")]
     if args.args_only:
-        b = sharded_argument_bytes(spec, mesh, args.dtypes.split(",")[0])
-        print(f"per device: train state {b['state'] / GIB:.3f} GiB (whole "
-              f"{b['state_whole'] / GIB:.2f}), frozen params {b['frozen'] / GIB:.3f} GiB (whole "
-              f"{b['frozen_whole'] / GIB:.2f}); total {(b['state'] + b['frozen']) / GIB:.3f} GiB "
-              "before gradients and activations")
+        for rank in ranks:
+            b = sharded_argument_bytes(spec, mesh, args.dtypes.split(",")[0], rank)
+            name = f"LoRA r{rank}" if rank else "full"
+            print(f"{name}: per device: train state {b['state'] / GIB:.3f} GiB (whole "
+                  f"{b['state_whole'] / GIB:.2f}), frozen params {b['frozen'] / GIB:.3f} GiB "
+                  f"(whole {b['frozen_whole'] / GIB:.2f}); total "
+                  f"{(b['state'] + b['frozen']) / GIB:.3f} GiB before gradients and activations")
         return
     rows = []
     for inputs in args.inputs.split(","):
         for remat in args.remat.split(","):
             for dtype in args.dtypes.split(","):
-                r = measure(spec, mesh, inputs, remat, dtype, batch, args.resolution,
-                            args.attention)
-                print(row(r), flush=True)
-                rows.append(r)
+                for rank in ranks:
+                    r = measure(spec, mesh, inputs, remat, dtype, batch, args.resolution,
+                                args.attention, rank)
+                    print(row(r), flush=True)
+                    rows.append(r)
     print("\n" + HEADER)
     for r in rows:
         print(row(r))

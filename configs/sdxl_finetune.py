@@ -13,7 +13,8 @@ bucket nearest its aspect ratio (SDXL's 1024² buckets in 64-px steps up to 4:1;
 --config.data.buckets="((1024, 1024), (896, 1152), (1152, 896))"); every global batch is one
 bucket, so the step compiles once per bucket shape. The time ids are each image's original
 (h, w), its crop's (top, left) and the bucket as target size, as SDXL was trained.
-Sample grids during training are off until SDXL sampling lands (sample.num_images = 0).
+Sample grids (EMA weights, the SDXL pipeline at the model's default 1024²) every
+train.sample_every steps.
 """
 
 from ldm_jax.training.base_config import base_config, train_config
@@ -36,7 +37,7 @@ def get_config(arg=None):
                        bucket_area=1024 * 1024, bucket_step=64, bucket_max_aspect=4.0,
                        bucket_max_crop=0.5, crop="random", flip=True, num_threads=16))
     c.train = train_config(num_steps=20_000, log_every=50, checkpoint_every=1000,
-                           sample_every=0)
-    c.sample.update(dict(num_images=0, steps=25, guidance=5.0, sampler="euler",
+                           sample_every=1000)
+    c.sample.update(dict(num_images=4, steps=25, guidance=5.0, sampler="euler",
                          prompts=("a photograph of an astronaut riding a horse",)))
     return c

@@ -182,3 +182,14 @@ def test_bucketed_batches_are_the_same_on_any_host_count_and_after_set_state():
     with pytest.raises(DataError, match="different input pipeline"):
         other = default_data_config(source="sdxl_test_buckets", buckets=((16, 16), (24, 16)))
         make_train_dataset(other, tokenizers, 8, 3, micro_conditioning=True).set_state(state)
+
+
+def test_sample_grids_during_sdxl_training_use_the_xl_pipeline():
+    config = sdxl_config()
+    config.sample.update(dict(num_images=2, steps=2, sampler="euler", guidance=5.0,
+                              prompts=("a shape",)))
+    task = tasks.make_task(config)
+    state = task.init_state(jax.random.key(0))
+    grid = task.sample(state, jax.random.key(1))
+    assert grid.shape == (16, 32, 3) and grid.dtype == np.uint8  # two 16x16 images side by side
+    assert task._pipeline.spec.cond_stage.kind == "sdxl"

@@ -37,7 +37,7 @@ from ldm_jax.data.transforms import (
 TokenizeFn = Callable[[Sequence[str]], np.ndarray]  # captions -> int ids [n, T]
 
 _DEFAULTS = {
-    "source": "tfds",  # "tfds" | "folder" | an in-memory source ("shapes")
+    "source": "tfds",  # "tfds" | "folder" | "dreambooth" | an in-memory source ("shapes")
     "name": "",  # TFDS dataset name (folder: the name it is built under, default image_folder)
     "data_dir": "",  # TFDS data_dir ("" = $TFDS_DATA_DIR or ~/tensorflow_datasets for "tfds")
     "split": "train",
@@ -63,6 +63,13 @@ _DEFAULTS = {
     "num_threads": 4,  # grain prefetch threads (0 = read on the training thread)
     "prefetch_batches": 4,
     "num_workers": 0,  # grain worker processes (needs a __main__ guard in the script)
+    # source "dreambooth" (ldm_jax/data/dreambooth.py, which documents and checks them)
+    "instance_dir": "",  # the subject's images, all captioned instance_prompt
+    "instance_prompt": "",  # e.g. "a photo of sks dog"
+    "class_dir": "",  # prior preservation's class images; "" = no prior preservation
+    "class_prompt": "",  # e.g. "a photo of dog"
+    "num_class_images": 100,  # class images used (class_dir is topped up to it); 0 = all there
+    "prior_loss_weight": 1.0,  # loss = mse(instance) + prior_loss_weight * mse(class)
 }
 
 

@@ -1,8 +1,15 @@
 """The config layout every trainer shares (configs/*.py start from `base_config`).
 
-Sections: trainer, seed, workdir_default, mesh, sharding_rules, model, diffusion, optimizer, ema,
-compute_dtype, remat, data, train, sample, distributed. Keys a trainer does not use are ignored;
-overrides of keys that do not exist are rejected by train.py.
+Sections: trainer, seed, workdir_default, mesh, sharding_rules, model, diffusion, lora, optimizer,
+ema, compute_dtype, remat, data, train, sample, distributed.
+
+config.lora (ldm_jax/training/lora_setup.py): `rank` 0 trains the networks themselves; >= 1 trains
+LoRA adapters of that rank on the layers `unet_targets` / `text_encoder_targets` name (PEFT's
+target_modules rule on diffusers / transformers module names; empty: none), scaled alpha / rank
+(`alpha` 0: = rank); the run exports them in `export_formats` (peft, kohya) at its last step.
+
+Keys a trainer does not use are ignored; overrides of keys that do not exist are rejected by
+train.py.
 
 config.mesh (ldm_jax/training/mesh_config.py): `axes` ("data", "fsdp", "tensor"); `shape`, the
 devices along each axis within one slice (ICI), one -1 = the rest; `dcn_shape`, the slices along
@@ -60,6 +67,10 @@ def base_config(trainer: str) -> ml_collections.ConfigDict:
     c.optimizer = ml_collections.ConfigDict(
         {"learning_rate": 1e-4, "warmup_steps": 0, "schedule": "constant", "b1": 0.9,
          "b2": 0.999, "eps": 1e-8, "weight_decay": 0.01, "grad_clip": 1.0, "grad_accum_steps": 1}
+    )
+    c.lora = ml_collections.ConfigDict(
+        {"rank": 0, "alpha": 0.0, "unet_targets": ("to_q", "to_k", "to_v", "to_out.0"),
+         "text_encoder_targets": (), "export_formats": ("peft", "kohya")}
     )
     c.ema = ml_collections.ConfigDict({"decay": 0.9999})
     c.compute_dtype = "float32"

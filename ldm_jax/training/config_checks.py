@@ -9,6 +9,7 @@ Each failure is one ConfigError naming the key, the value and what is allowed.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from ldm_jax.data.buckets import resolve_buckets
@@ -16,6 +17,8 @@ from ldm_jax.models.attention_dispatch import implementation_from_name
 from ldm_jax.models.remat import check_remat
 from ldm_jax.sampler_options import canonical_sampler, check_guidance
 from ldm_jax.training.mesh_config import mesh_settings
+
+LORA_EXPORT_FORMATS = ("peft", "kohya")
 
 
 class ConfigError(ValueError):
@@ -104,6 +107,50 @@ def check_buckets(config) -> None:
         raise ConfigError(str(error)) from None
 
 
+def check_lora(config) -> None:
+    """config.lora well formed (before any work): rank, alpha, targets, export formats."""
+    if _get(config, "lora") is None:
+        return
+
+    def get(key, default):
+        value = _get(config, f"lora.{key}")
+        return default if value is None else value
+
+    rank, alpha = get("rank", 0), get("alpha", 0.0)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise ConfigError(f"lora.rank={rank!r} must be an integer >= 0 (0: no LoRA)")
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not (
+        math.isfinite(alpha) and alpha >= 0
+    ):
+        raise ConfigError(f"lora.alpha={alpha!r} must be a finite number >= 0 (0: = rank)")
+    for key in ("unet_targets", "text_encoder_targets"):
+        entries = get(key, ())
+        if isinstance(entries, str) or not all(isinstance(e, str) and e for e in entries):
+            raise ConfigError(
+                f"lora.{key}={entries!r} must be a tuple of module names, e.g. "
+                "('to_q', 'to_k', 'to_v', 'to_out.0')"
+            )
+    formats = get("export_formats", ())
+    if isinstance(formats, str) or any(f not in LORA_EXPORT_FORMATS for f in formats):
+        raise ConfigError(
+            f"lora.export_formats={formats!r}; allowed: a tuple of {LORA_EXPORT_FORMATS}"
+        )
+    if rank and not (get("unet_targets", ()) or get("text_encoder_targets", ())):
+        raise ConfigError("lora.rank > 0 needs lora.unet_targets or lora.text_encoder_targets")
+
+
+def check_dreambooth(config) -> None:
+    """data.source "dreambooth": its folders, prompts and prior weight (ldm_jax/data/dreambooth)."""
+    if _get(config, "data.source") != "dreambooth":
+        return
+    from ldm_jax.data.dreambooth import check_dreambooth_config  # noqa: PLC0415 (grain: lazy)
+
+    try:
+        check_dreambooth_config(config.data)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
 def check_stage(config) -> None:
     """One loop's config: steps, batch, mesh, remat / attention, buckets and sample settings."""
     _integer(config, "train.num_steps", 1)
@@ -112,6 +159,8 @@ def check_stage(config) -> None:
     check_buckets(config)
     check_mesh(config)
     check_execution(config)
+    check_lora(config)
+    check_dreambooth(config)
     check_sample(config)
 
 

@@ -63,8 +63,10 @@ def diffusion_loss(
     rng: jax.Array,
     prediction_type: str = "epsilon",
     min_snr_gamma: float | None = None,
+    weights_B: jax.Array | None = None,
 ) -> jax.Array:
-    """Scalar loss; apply_fn(x_t, t_B) is the conditioned network (output in any dtype)."""
+    """Scalar loss mean_B(w_B * loss_B); apply_fn(x_t, t_B) is the conditioned network (output in
+    any dtype); `weights_B` [B] default 1 (DreamBooth: instance and prior rows, ldm_jax/data)."""
     kind = canonical_prediction_type(prediction_type)
     t_rng, noise_rng = jax.random.split(rng)
     batch = x0_BHWC.shape[0]
@@ -75,4 +77,6 @@ def diffusion_loss(
     per_sample_B = jnp.mean(jnp.square(output - target), axis=tuple(range(1, x0_BHWC.ndim)))
     if min_snr_gamma:
         per_sample_B = per_sample_B * min_snr_weights(schedule, t_B, min_snr_gamma, kind)
+    if weights_B is not None:
+        per_sample_B = per_sample_B * jnp.asarray(weights_B, jnp.float32).reshape(batch)
     return jnp.mean(per_sample_B)

@@ -9,8 +9,12 @@ is trained jointly (CondStageSpec.trainable: LDM-BERT, class embedder); the froz
 (first stage, a frozen CLIP) are a separate sharded argument, never closed over, never in the state.
 `rng` is folded with state.step inside the step, so a resumed run draws the same noise.
 
+LoRA (`LDMTrainConfig.lora`): `state.params` holds only the adapters (training/lora_adapters.py);
+every network is frozen, and the step uses W + (alpha/r)·down@up for each adapted kernel.
+
 batch: {"image": f32 [B, H, W, 3] in [-1, 1]} or {"latents": [B, h, w, c]} (first-stage latents
-before scaling), plus "tokens" int32 [B, T] (text), "class_label" int32 [B] (class, adm), and
+before scaling), an optional "loss_weight" f32 [B] (loss = mean(w * per-example loss); DreamBooth's
+prior preservation), plus "tokens" int32 [B, T] (text), "class_label" int32 [B] (class, adm), and
 "concat" [B, h, w, c'] for the concat/hybrid conditioning keys. SDXL: "tokens" int32 [B, E, T]
 (one row per text encoder), "original_size" and "crop_top_left" [B, 2]; the target size is the
 batch's own (H, W), so each aspect-ratio bucket is one compiled shape.
@@ -43,6 +47,7 @@ from ldm_jax.models.remat import check_remat
 from ldm_jax.spec import SDXL_BASE_TIME_IDS, ModelSpec
 from ldm_jax.training.ema import ema_decay, update_ema
 from ldm_jax.training.ldm_loss import diffusion_loss
+from ldm_jax.training.lora_adapters import LoRATraining, init_adapters, merge_adapters
 from ldm_jax.training.sharding import (
     DEFAULT_LOGICAL_RULES,
     batch_sharding,
@@ -71,6 +76,7 @@ class LDMTrainConfig:
     ema_decay: float = 0.9999
     grad_accum_steps: int = 1  # must match the optimizer's MultiSteps k (EMA updates per update)
     train_cond_stage: bool | None = None  # None: spec.cond_stage.trainable
+    lora: LoRATraining | None = None  # train adapters only, every network frozen
 
     def __post_init__(self):
         if self.compute_dtype not in COMPUTE_DTYPES:
@@ -124,6 +130,9 @@ def ldm_modules(spec: ModelSpec, cfg: LDMTrainConfig) -> dict[str, tuple[nn.Modu
 
 
 def trainable_names(spec: ModelSpec, cfg: LDMTrainConfig) -> tuple[str, ...]:
+    """The networks the loss is differentiated into (with LoRA: those holding adapters)."""
+    if cfg.lora is not None:
+        return cfg.lora.networks
     train_cond = spec.cond_stage is not None and (
         spec.cond_stage.trainable if cfg.train_cond_stage is None else cfg.train_cond_stage
     )
@@ -136,6 +145,21 @@ def boxed_abstract_params(modules) -> dict[str, Any]:
         name: jax.eval_shape(lambda m=module, i=inputs: m.init(jax.random.key(0), *i)["params"])
         for name, (module, inputs) in modules.items()
     }
+
+
+def _trained_and_frozen(tree: dict, spec: ModelSpec, cfg: LDMTrainConfig) -> tuple[dict, dict]:
+    """(networks in the state, frozen networks): with LoRA every network is frozen."""
+    if cfg.lora is not None:
+        return {}, tree
+    return _split(tree, trainable_names(spec, cfg))
+
+
+def _new_state(boxed: dict, boxed_trained: dict, cfg, optimizer, scale: float, rng) -> TrainState:
+    """The step-0 state (call under create_sharded_state / eval_shape): the trained networks, or
+    with LoRA fresh adapters boxed like the kernels they adapt."""
+    if cfg.lora is not None:
+        return new_train_state(init_adapters(boxed, cfg.lora, rng), optimizer, scale)
+    return new_train_state(boxed_trained, optimizer, scale)
 
 
 def _split(tree: dict, names) -> tuple[dict, dict]:
@@ -202,12 +226,14 @@ def init_ldm_state(
         )
         for (name, r) in zip(modules, jax.random.split(rng, len(modules)), strict=True)
     }
-    trained, frozen = _split(params, trainable_names(spec, cfg))
+    trained, frozen = _trained_and_frozen(params, spec, cfg)
     boxed_trained, _ = _split(boxed, trained)
     start_scale = 1.0 if cfg.scale_by_std else spec.diffusion.scale_factor
+    adapter_rng = jax.random.fold_in(rng, len(modules))
 
     def init_fn(p):
-        return new_train_state(box_like(p, boxed_trained), optimizer, start_scale)
+        trained_boxed = box_like(p, boxed_trained)
+        return _new_state(boxed, trained_boxed, cfg, optimizer, start_scale, adapter_rng)
 
     state, _ = create_sharded_state(init_fn, mesh, rules, trained)
     return state, frozen
@@ -219,8 +245,10 @@ def ldm_state_shardings(spec, cfg, optimizer, mesh, rules=DEFAULT_LOGICAL_RULES)
     The restore target for checkpoints and the input to `train_step.lower(...)`.
     """
     boxed = boxed_abstract_params(ldm_modules(spec, cfg))
-    boxed_trained, boxed_frozen = _split(boxed, trainable_names(spec, cfg))
-    abstract_state = jax.eval_shape(lambda p: new_train_state(p, optimizer, 1.0), boxed_trained)
+    boxed_trained, boxed_frozen = _trained_and_frozen(boxed, spec, cfg)
+    abstract_state = jax.eval_shape(
+        lambda p: _new_state(boxed, p, cfg, optimizer, 1.0, jax.random.key(0)), boxed_trained
+    )
     state = with_shardings(
         nn.meta.unbox(abstract_state), logical_shardings(abstract_state, mesh, rules)
     )
@@ -335,7 +363,11 @@ def make_ldm_train_step(
         z0 = z * scale
 
         def loss_fn(params):
-            cond_params = (params if "cond_stage" in trained else frozen).get("cond_stage")
+            if cfg.lora is not None:
+                nets = merge_adapters(frozen, params, cfg.lora.factor)
+            else:
+                nets = {**frozen, **params}
+            cond_params = nets.get("cond_stage")
             c = conditioning(cond_params, batch, drop_rng)
             if "cond_stage" not in trained and c.context is not None:
                 c = c._replace(context=jax.lax.stop_gradient(c.context))
@@ -344,12 +376,13 @@ def make_ldm_train_step(
 
             def apply_fn(x_t, t_B):
                 return apply_unet(
-                    unet, params["unet"], x_t, t_B, c,
+                    unet, nets["unet"], x_t, t_B, c,
                     deterministic=False, rngs={"dropout": dropout_rng},
                 )  # fmt: skip
 
             return diffusion_loss(
-                apply_fn, noise_schedule, z0, loss_rng, prediction_type, cfg.min_snr_gamma
+                apply_fn, noise_schedule, z0, loss_rng, prediction_type, cfg.min_snr_gamma,
+                weights_B=batch.get("loss_weight"),
             )
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)

@@ -10,11 +10,14 @@ config.model:
     prediction_type  "" or an override of the checkpoint's ("epsilon" | "v_prediction")
     train_cond_stage None: the spec's CondStageSpec.trainable
 config.sample: num_images, prompts (text), class_labels (class), steps, sampler, guidance.
+config.lora: rank >= 1 trains LoRA adapters instead (ldm_jax/training/lora_setup.py); the run's
+last step writes them to <workdir>/lora/ in each of lora.export_formats.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import numpy as np
@@ -22,9 +25,11 @@ import numpy as np
 from ldm_jax.checkpoints import LatentDiffusionCheckpoint, load_checkpoint
 from ldm_jax.checkpoints.tokenizer import tokenizer_for_spec
 from ldm_jax.images import make_grid
+from ldm_jax.models.factory import network_modules
 from ldm_jax.spec import spec_from_dict
 from ldm_jax.training.bound_step import BoundStep
 from ldm_jax.training.config_checks import sampler_name
+from ldm_jax.training.dreambooth_setup import prepare_class_images, stack_prior_half
 from ldm_jax.training.ldm_step import (
     LDMTrainConfig,
     init_ldm_state,
@@ -32,6 +37,8 @@ from ldm_jax.training.ldm_step import (
     sdxl_token_array,
     trainable_names,
 )
+from ldm_jax.training.lora_adapters import merge_adapters
+from ldm_jax.training.lora_setup import export_adapters, lora_from_config
 from ldm_jax.training.optimizer import make_optimizer
 from ldm_jax.training.setup import mesh_rules_and_batch
 from ldm_jax.training.sharding import (
@@ -86,10 +93,12 @@ def _first_stage_params(model_cfg, spec):
 
 
 class GlobalBatches:
-    """Per-host numpy batches from the data loader as global, batch-sharded jax.Arrays."""
+    """Per-host numpy batches from the data loader as global, batch-sharded jax.Arrays
+    (`transform`: what each host batch goes through first, e.g. DreamBooth's stacking)."""
 
-    def __init__(self, local_batches, sharding):
+    def __init__(self, local_batches, sharding, transform=None):
         self.local_batches, self.sharding = local_batches, sharding
+        self.transform = transform
 
     def __iter__(self):
         return self
@@ -97,7 +106,10 @@ class GlobalBatches:
     def __next__(self):
         from ldm_jax.data import to_global_batch  # noqa: PLC0415
 
-        return to_global_batch(next(self.local_batches), self.sharding)
+        batch = next(self.local_batches)
+        if self.transform is not None:
+            batch = self.transform(batch)
+        return to_global_batch(batch, self.sharding)
 
     def get_state(self):
         return self.local_batches.get_state()
@@ -116,6 +128,9 @@ class LDMTask:
         self.mesh, self.rules, self.global_batch_size = mesh_rules_and_batch(config)
         self.spec, self.init_params, self.tokenizer = resolve_model(config.model)
         self.cfg = LDMTrainConfig.from_config(config)
+        lora = lora_from_config(config.get("lora", None), self.spec)
+        if lora is not None:
+            self.cfg = dataclasses.replace(self.cfg, lora=lora)
         updates = max(int(config.train.num_steps) // self.cfg.grad_accum_steps, 1)
         self.optimizer, schedule = make_optimizer(config.optimizer, updates)
         cond = self.spec.cond_stage
@@ -140,27 +155,72 @@ class LDMTask:
     def make_iterator(self) -> GlobalBatches:
         from ldm_jax.data import make_train_dataset  # noqa: PLC0415
 
-        local = make_train_dataset(
-            self.config.data, self.tokenizer if self.text else None, self.global_batch_size,
+        data = self.config.data
+        dreambooth = data.get("source", "") == "dreambooth"
+        make, transform = make_train_dataset, None
+        if dreambooth:  # class images first (the frozen model draws them), then both halves
+            from ldm_jax.data.dreambooth import dreambooth_batches  # noqa: PLC0415
+
+            prepare_class_images(data, self._initial_pipeline, self.config.get("sample", {}),
+                                 int(self.config.seed))
+            make = dreambooth_batches
+            weight = float(data.get("prior_loss_weight", 1.0))
+            transform = functools.partial(stack_prior_half, prior_loss_weight=weight)
+        local = make(
+            data, self.tokenizer if self.text else None, self.global_batch_size,
             int(self.config.seed), data_parallel_size=data_parallel_size(self.mesh),
             micro_conditioning=self.spec.cond_stage is not None
             and self.spec.cond_stage.kind == "sdxl",
             bucket_multiple=latent_grid(self.spec),
         )
-        return GlobalBatches(local, batch_sharding(self.mesh))
+        return GlobalBatches(local, batch_sharding(self.mesh), transform)
+
+    def _initial_pipeline(self):
+        """The starting model as a sampling pipeline (DreamBooth's class images)."""
+        from ldm_jax.sampling.pipeline import LatentDiffusionPipeline  # noqa: PLC0415
+
+        params = self.init_params or {}
+        missing = sorted(set(network_modules(self.spec)) - set(params))
+        if missing:
+            raise ValueError(
+                f"DreamBooth's class images are drawn by the starting model, but {missing} are "
+                "not pretrained here: set config.model.init_from, or fill data.class_dir with "
+                "data.num_class_images images yourself"
+            )
+        return LatentDiffusionPipeline(LatentDiffusionCheckpoint(self.spec, params,
+                                                                 self.tokenizer))
 
     def ema_checkpoint(self, state) -> LatentDiffusionCheckpoint:
         """The model as trained so far (host numpy): the frozen networks, the EMA of the trained
         ones, and the scale_factor the run uses (scale_by_std measures it on the first batch, so
         it lives in the state, not in the spec)."""
-        trained = trainable_names(self.spec, self.cfg)
-        frozen, ema = gather_to_host(self.frozen), gather_to_host(state.ema_params)
-        params = {**frozen, **{k: v for k, v in ema.items() if k in trained}}
+        lora = self.cfg.lora
+        if lora is not None:  # W + delta of the EMA adapters, merged where the weights live
+            adapted = {name: self.frozen[name] for name in lora.networks}
+            merged = jax.jit(merge_adapters, static_argnums=2)(
+                adapted, state.ema_params, lora.factor
+            )
+            params = {**gather_to_host(self.frozen), **gather_to_host(merged)}
+        else:
+            trained = trainable_names(self.spec, self.cfg)
+            frozen, ema = gather_to_host(self.frozen), gather_to_host(state.ema_params)
+            params = {**frozen, **{k: v for k, v in ema.items() if k in trained}}
         scale = float(np.asarray(jax.device_get(state.scale_factor)))
         spec = dataclasses.replace(
             self.spec, diffusion=dataclasses.replace(self.spec.diffusion, scale_factor=scale)
         )
         return LatentDiffusionCheckpoint(spec, params, self.tokenizer)
+
+    def export(self, state, workdir) -> list:
+        """At the run's last step: LoRA runs write their (EMA) adapters in each of
+        config.lora.export_formats to <workdir>/lora/ (process 0); other runs export nothing."""
+        if self.cfg.lora is None:
+            return []
+        adapters = gather_to_host(state.ema_params)  # a collective: every process calls it
+        if jax.process_index() != 0:
+            return []
+        formats = tuple(self.config.lora.get("export_formats", ()) or ())
+        return export_adapters(workdir, self.spec, adapters, self.cfg.lora, formats)
 
     def sample(self, state, rng):
         """A grid sampled with the EMA weights (config.sample), or None when num_images is 0."""

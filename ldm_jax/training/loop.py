@@ -10,6 +10,8 @@ A task owns the model side; the loop owns everything around it:
                                     a jitted step or a bound_step.BoundStep (AOT-compiled once)
     task.make_iterator()            global batches; get_state() / set_state(s) with JSON-able s
     task.sample(state, rng)         optional: a uint8 [H, W, 3] grid (EMA params) or None
+    task.export(state, workdir)     optional: called after the last step's checkpoint; returns the
+                                    paths it wrote (e.g. a LoRA run's adapter files)
     task.hidden_metrics(step)       optional: metric names not worth showing at that step (zero or
                                     constant by the config); metrics.jsonl still gets them all
 
@@ -298,6 +300,9 @@ def run(config, workdir, task, *, stream=None, label: str | None = None) -> RunR
                         path = writer.write_image(step, "samples", np.asarray(grid))
                         if path is not None:
                             writer.write_text(f"step {step}: sample grid {path}")
+                if step == num_steps and hasattr(task, "export"):
+                    for path in task.export(state, workdir):
+                        writer.write_text(f"step {step}: wrote {path}")
                 if preempted:
                     writer.write_text(f"SIGTERM: saved step {step}, exiting")
                     break

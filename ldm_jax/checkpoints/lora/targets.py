@@ -60,7 +60,7 @@ def _kernels(table: KeyTable, network: str, component: str) -> list[LoRATarget]:
     return targets
 
 
-def _text_encoders(spec: ModelSpec) -> list[tuple[tuple[str, ...], str, str, object]]:
+def text_encoders(spec: ModelSpec) -> list[tuple[tuple[str, ...], str, str, object]]:
     """(flax path prefix in params["cond_stage"], kohya prefix, diffusers component, config) of
     each transformers CLIP text encoder of `spec`."""
     cond = spec.cond_stage
@@ -90,7 +90,7 @@ def lora_targets(spec: ModelSpec) -> dict[str, LoRATarget]:
     for target in _kernels(unet_table, "unet", "unet"):
         _add(names, KOHYA_PREFIXES["unet"] + target.module.replace(".", "_"), target)
         _add(names, "unet." + target.module, target)
-    for head, kohya, component, config in _text_encoders(spec):
+    for head, kohya, component, config in text_encoders(spec):
         table = clip_text_key_table(config, TEXT_MODEL_PREFIX)
         for target in _kernels(table, "cond_stage", component):
             target = dataclasses.replace(target, flax_path=head + target.flax_path)
