@@ -219,3 +219,28 @@ def test_the_lora_configs_pass_the_checks():
         config = load_config(str(ROOT / "configs" / name))
         check_config(config)
         assert config.lora.rank >= 1 and config.compute_dtype == "bfloat16"
+
+
+@pytest.mark.slow  # ~40 s on 2 cores
+def test_an_sdxl_lora_trains_both_text_encoders_and_exports_te1_te2(tmp_path):
+    from support.tiny_specs import MICRO_SDXL  # noqa: PLC0415
+    from test_training_sdxl import sdxl_config  # noqa: PLC0415
+
+    config = sdxl_config()
+    config.lora.update(dict(rank=2, alpha=2.0, unet_targets=("to_q", "to_v"),
+                            text_encoder_targets=("q_proj", "out_proj")))
+    config.train.num_steps = 1
+    task = pretrained_task(config)
+    networks = {layer[:2] for layer in task.cfg.lora.layers if layer[0] == "cond_stage"}
+    assert networks == {("cond_stage", "encoder_0"), ("cond_stage", "encoder_1")}
+    run = loop.run(config, tmp_path, task)
+    assert np.isfinite(run.metrics["loss"])
+    kohya = read_lora(tmp_path / "lora" / "kohya.safetensors", MICRO_SDXL,
+                      jax.device_get(task.frozen))
+    prefixes = {layer.name.split("_")[1] for layer in kohya.layers}
+    assert prefixes == {"unet", "te1", "te2"}
+    peft = read_lora(tmp_path / "lora" / "peft.safetensors", MICRO_SDXL,
+                     jax.device_get(task.frozen))
+    assert {layer.target.component for layer in peft.layers} == {
+        "unet", "text_encoder", "text_encoder_2"}
+    assert len(peft.layers) == len(kohya.layers) == len(task.cfg.lora.layers)
