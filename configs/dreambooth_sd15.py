@@ -9,7 +9,7 @@ training, keep the class prior: loss = mse(instance) + prior_loss_weight * mse(c
 
 Full fine-tuning (the UNet; bf16 compute, fp32 master weights, FSDP). The same run as a LoRA:
 add --config.lora.rank=16 --config.optimizer.learning_rate=1e-4 (adapters on the UNet's
-attention projections, exported to <workdir>/lora/ at the last step). class_dir is topped up to
+attention projections, exported to <workdir>/lora/ with every checkpoint). class_dir is topped up to
 data.num_class_images with the config's sample settings (images it already holds are used and
 never overwritten); without class_dir the run trains without prior preservation.
 """

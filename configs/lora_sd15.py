@@ -1,7 +1,7 @@
 """Train a LoRA for Stable Diffusion 1.5 on your own captioned images: rank-16 adapters on the
 UNet's attention projections (optionally the text encoder's too), every network frozen and
 sharded (FSDP), bf16 compute; only the adapters and their Adam moments are trained and
-checkpointed. The last step writes them to <workdir>/lora/peft.safetensors (diffusers / PEFT) and
+checkpointed. Every checkpoint writes them to <workdir>/lora/peft.safetensors (diffusers / PEFT) and
 kohya.safetensors (A1111, ComfyUI), which `sample.py --lora` and diffusers' load_lora_weights read.
 
     python -m ldm_jax.data.image_folder my_images/ --data-dir data/ --name my_images

@@ -1,7 +1,7 @@
 """Train a LoRA for Stable Diffusion XL (base): rank-32 adapters on the UNet's attention
 projections (both text encoders optional), every network frozen and sharded (FSDP), bf16
 compute, aspect-ratio buckets of ~1024² with SDXL's size/crop micro-conditioning. Only the
-adapters and their Adam moments are trained and checkpointed; the last step writes
+adapters and their Adam moments are trained and checkpointed; every checkpoint writes
 <workdir>/lora/peft.safetensors and kohya.safetensors (lora_unet_ / lora_te1_ / lora_te2_).
 
     python -m ldm_jax.data.image_folder my_images/ --data-dir data/ --name my_images

@@ -197,6 +197,13 @@ def test_bad_lora_settings_are_one_config_error_before_any_work(override, messag
         check_config(config)
 
 
+def test_lora_and_training_the_text_encoder_itself_is_refused():
+    config = lora_config()
+    config.model.train_cond_stage = True
+    with pytest.raises(ConfigError, match="adapt the text encoder with lora.text_encoder_targets"):
+        check_config(config)
+
+
 def test_a_target_that_matches_no_module_is_named_with_examples():
     config = lora_config(unet_targets=("to_q", "attn9.to_q"))
     with pytest.raises(ConfigError, match=r"entry 'attn9.to_q' matches no module.*'to_k'"):

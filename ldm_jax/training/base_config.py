@@ -6,7 +6,8 @@ ema, compute_dtype, remat, data, train, sample, distributed.
 config.lora (ldm_jax/training/lora_setup.py): `rank` 0 trains the networks themselves; >= 1 trains
 LoRA adapters of that rank on the layers `unet_targets` / `text_encoder_targets` name (PEFT's
 target_modules rule on diffusers / transformers module names; empty: none), scaled alpha / rank
-(`alpha` 0: = rank); the run exports them in `export_formats` (peft, kohya) at its last step.
+(`alpha` 0: = rank); the run exports them in `export_formats` (peft, kohya) with every
+checkpoint.
 
 Keys a trainer does not use are ignored; overrides of keys that do not exist are rejected by
 train.py.

@@ -137,6 +137,11 @@ def check_lora(config) -> None:
         )
     if rank and not (get("unet_targets", ()) or get("text_encoder_targets", ())):
         raise ConfigError("lora.rank > 0 needs lora.unet_targets or lora.text_encoder_targets")
+    if rank and _get(config, "model.train_cond_stage") is True:
+        raise ConfigError(
+            "model.train_cond_stage=True trains the text encoder itself, but lora.rank > 0 "
+            "freezes every network; adapt the text encoder with lora.text_encoder_targets"
+        )
 
 
 def check_dreambooth(config) -> None:

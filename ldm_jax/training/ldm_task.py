@@ -10,8 +10,8 @@ config.model:
     prediction_type  "" or an override of the checkpoint's ("epsilon" | "v_prediction")
     train_cond_stage None: the spec's CondStageSpec.trainable
 config.sample: num_images, prompts (text), class_labels (class), steps, sampler, guidance.
-config.lora: rank >= 1 trains LoRA adapters instead (ldm_jax/training/lora_setup.py); the run's
-last step writes them to <workdir>/lora/ in each of lora.export_formats.
+config.lora: rank >= 1 trains LoRA adapters instead (ldm_jax/training/lora_setup.py); every
+checkpoint writes them to <workdir>/lora/ in each of lora.export_formats.
 """
 
 from __future__ import annotations
@@ -212,7 +212,7 @@ class LDMTask:
         return LatentDiffusionCheckpoint(spec, params, self.tokenizer)
 
     def export(self, state, workdir) -> list:
-        """At the run's last step: LoRA runs write their (EMA) adapters in each of
+        """With each checkpoint: LoRA runs write their (EMA) adapters in each of
         config.lora.export_formats to <workdir>/lora/ (process 0); other runs export nothing."""
         if self.cfg.lora is None:
             return []

@@ -10,8 +10,9 @@ A task owns the model side; the loop owns everything around it:
                                     a jitted step or a bound_step.BoundStep (AOT-compiled once)
     task.make_iterator()            global batches; get_state() / set_state(s) with JSON-able s
     task.sample(state, rng)         optional: a uint8 [H, W, 3] grid (EMA params) or None
-    task.export(state, workdir)     optional: called after the last step's checkpoint; returns the
-                                    paths it wrote (e.g. a LoRA run's adapter files)
+    task.export(state, workdir)     optional: called after each checkpoint (the last step's too), so
+                                    the exports match the newest checkpoint; returns the paths it
+                                    wrote (e.g. a LoRA run's adapter files)
     task.hidden_metrics(step)       optional: metric names not worth showing at that step (zero or
                                     constant by the config); metrics.jsonl still gets them all
 
@@ -293,6 +294,8 @@ def run(config, workdir, task, *, stream=None, label: str | None = None) -> RunR
                 ):
                     resolve()  # never save a non-finite state
                     checkpointer.save(step, state, batches.get_state(), config_json)
+                    for path in getattr(task, "export", lambda *a: [])(state, workdir):
+                        writer.write_text(f"step {step}: wrote {path}")
                 if (sample_every and (step % sample_every == 0 or step == num_steps)
                         and hasattr(task, "sample")):
                     grid = task.sample(state, jax.random.fold_in(sample_rng, step))
@@ -300,9 +303,6 @@ def run(config, workdir, task, *, stream=None, label: str | None = None) -> RunR
                         path = writer.write_image(step, "samples", np.asarray(grid))
                         if path is not None:
                             writer.write_text(f"step {step}: sample grid {path}")
-                if step == num_steps and hasattr(task, "export"):
-                    for path in task.export(state, workdir):
-                        writer.write_text(f"step {step}: wrote {path}")
                 if preempted:
                     writer.write_text(f"SIGTERM: saved step {step}, exiting")
                     break

@@ -71,7 +71,7 @@ def lora_from_config(lora_cfg, spec: ModelSpec) -> LoRATraining | None:
 
 def export_adapters(workdir, spec: ModelSpec, adapters, lora: LoRATraining, formats) -> list[Path]:
     """Write host adapters (numpy tree) as <workdir>/lora/<format>.safetensors, replacing this
-    run's earlier export (the folder belongs to the run)."""
+    run's earlier export (the folder belongs to the run: each checkpoint's adapters)."""
     from ldm_jax.checkpoints.lora import save_lora  # noqa: PLC0415
 
     folder = Path(workdir) / EXPORT_DIR
