@@ -208,6 +208,8 @@ class LatentDiffusionPipeline(AdapterMixin):
         latents=None,
         prompt_embeds=None,
         negative_prompt_embeds=None,
+        pooled_prompt_embeds=None,
+        negative_pooled_prompt_embeds=None,
         output_type: str = "pil",
         callback_on_step_end=None,
         clip_skip: int | None = None,
@@ -268,7 +270,11 @@ class LatentDiffusionPipeline(AdapterMixin):
         micro-conditioning (traced: new values never recompile) ``original_size``,
         ``crops_coords_top_left``, ``target_size`` ((height, width) / (top, left); default the
         output size, (0, 0), the output size), ``aesthetic_score`` (refiner, 6.0) and the
-        ``negative_*`` ones (see ``inputs.sdxl_time_inputs``). Base -> refiner hand-off:
+        ``negative_*`` ones (see ``inputs.sdxl_time_inputs``). Embeddings (diffusers'
+        encode_prompt outputs) instead of texts: ``prompt_embeds`` [B, S, sum of the encoders'
+        widths] with ``pooled_prompt_embeds`` [B, projection dim] (and the ``negative_`` pair;
+        absent: zeros or the encoded ``negative_prompt`` as above; see
+        ``inputs.sdxl_text_inputs``). Base -> refiner hand-off:
         ``denoising_end`` in (0, 1) stops once the timesteps fall below (1 - denoising_end) T
         (with ``output_type="latent"`` the latents come back in the sampler's own space);
         ``denoising_start`` continues such latents, given as ``image`` [B, h, w, C] (NHWC),
@@ -301,6 +307,8 @@ class LatentDiffusionPipeline(AdapterMixin):
             self.task, self.spec, self.tokenizer, prompt, negative_prompt, class_labels,
             batch_size, guidance_scale, prompt_embeds, negative_prompt_embeds,
             prompt_2=prompt_2, negative_prompt_2=negative_prompt_2,
+            pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
         )  # fmt: skip
         if inputs:
             batch = next(iter(inputs.values())).shape[0]

@@ -2,7 +2,8 @@
 
 - text-to-image: a text cond stage, conditioning_key "crossattn"; call with ``prompt``.
   SDXL (cond stage "sdxl", conditioning_key "crossattn_adm"; base and refiner) is text-to-image
-  too: the context and the vector y come from ``encode_sdxl_condition``.
+  too: the context and the vector y come from ``encode_sdxl_condition`` (or from given
+  prompt_embeds + pooled_prompt_embeds and the time ids).
 - unconditional: no cond stage, conditioning_key None; ``batch_size``.
 - class-conditional: cond stage "class" (cin256); ``class_labels``.
 - image-to-image: any of the three above; add ``image`` and ``strength``.
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 
 from ldm_jax.latent_diffusion import SDXLInputs, encode_condition, unet_conditioning
 from ldm_jax.models.conditioning import unconditional_class_ids
+from ldm_jax.models.text_time import text_time_embedding
 from ldm_jax.spec import TEXT_CONDITIONINGS
 
 INPAINTING = ("mask_and_masked_image", "masked_image_and_mask")
@@ -164,28 +166,43 @@ def conditioning(spec, modules, params, task: Task, inputs, guided: bool, clip_s
 
 
 def sdxl_conditioning(spec, modules, params, inputs, guided: bool, clip_skip=None):
-    """SDXL's (cond, uncond): [negative; prompt] encoded in one batch (ids [B, encoders, T],
-    time ids [B, N]); "neg_keep" 0 zeroes the negative's context and pooled embedding (y's
-    first projection_dim entries; its time-id features stay), diffusers'
-    force_zeros_for_empty_prompt."""
-    ids, time_ids = inputs["ids"], inputs["time_ids"]
-    if guided:
-        ids = jnp.concatenate([inputs["neg_ids"], ids])
-        time_ids = jnp.concatenate([inputs["neg_time_ids"], time_ids])
-    token_ids = tuple(ids[:, i] for i in range(ids.shape[1]))
-    context, y = encode_condition(
-        spec.cond_stage, modules["cond_stage"], params["cond_stage"],
-        SDXLInputs(token_ids, time_ids), clip_skip,
-    )  # fmt: skip
+    """SDXL's (cond, uncond). Each side, the prompt's and (guided) the negative's ("neg_" keys),
+    comes as token ids "ids" [B, encoders, T] (the sides with ids encoded in one batch
+    [negative; prompt]) or as given embeddings "context" [B, S, D] + "pooled" [B, P] (diffusers'
+    prompt_embeds / pooled_prompt_embeds); y = text_time_embedding(pooled, time ids [B, N]).
+    "neg_keep" 0 zeroes an encoded negative's context and pooled embedding (y's first P
+    entries; its time-id features stay), diffusers' force_zeros_for_empty_prompt."""
+    cfg = spec.cond_stage.config
+    sides = ("neg_", "") if guided else ("",)
+    encoded = [side for side in sides if side + "ids" in inputs]
+    pairs = {}
+    if encoded:
+        ids = jnp.concatenate([inputs[side + "ids"] for side in encoded])
+        time_ids = jnp.concatenate([inputs[side + "time_ids"] for side in encoded])
+        token_ids = tuple(ids[:, i] for i in range(ids.shape[1]))
+        context, y = encode_condition(
+            spec.cond_stage, modules["cond_stage"], params["cond_stage"],
+            SDXLInputs(token_ids, time_ids), clip_skip,
+        )  # fmt: skip
+        n = len(encoded)
+        splits = zip(jnp.split(context, n), jnp.split(y, n), strict=True)
+        pairs = dict(zip(encoded, splits, strict=True))
+    for side in sides:
+        if side not in pairs:
+            context = inputs[side + "context"]
+            pooled, time_ids = inputs[side + "pooled"], inputs[side + "time_ids"]
+            y = text_time_embedding(pooled, time_ids, cfg.time_embed_dim)
+            pairs[side] = (context, y.astype(context.dtype))
     key = spec.diffusion.conditioning_key
+    cond = unet_conditioning(key, encoded=pairs[""])
     if not guided:
-        return unet_conditioning(key, encoded=(context, y)), None
-    (uncontext, context), (unpooled_y, y) = jnp.split(context, 2), jnp.split(y, 2)
-    keep = inputs["neg_keep"].astype(context.dtype)
-    pooled = spec.cond_stage.config.text_encoders[-1].projection_dim
-    uncontext = uncontext * keep[:, None, None]
-    unpooled_y = unpooled_y.at[:, :pooled].multiply(keep[:, None])
-    cond = unet_conditioning(key, encoded=(context, y))
+        return cond, None
+    uncontext, unpooled_y = pairs["neg_"]
+    if "neg_keep" in inputs:
+        keep = inputs["neg_keep"].astype(uncontext.dtype)
+        pooled = cfg.text_encoders[-1].projection_dim
+        uncontext = uncontext * keep[:, None, None]
+        unpooled_y = unpooled_y.at[:, :pooled].multiply(keep[:, None])
     return cond, unet_conditioning(key, encoded=(uncontext, unpooled_y))
 
 
