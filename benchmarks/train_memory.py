@@ -123,8 +123,9 @@ def lora_training(spec, rank: int):
     return lora_from_config(config, spec)
 
 
-def measure(spec, mesh, inputs: str, remat: str, dtype: str, batch: int, resolution: int,
-            attention: str = "auto", lora_rank: int = 0) -> dict:
+def compile_step(spec, mesh, inputs: str, remat: str, dtype: str, batch: int, resolution: int,
+                 attention: str = "auto", lora_rank: int = 0):
+    """(the LDM train step compiled from ShapeDtypeStructs only, compile seconds, its cfg)."""
     import jax
     import jax.numpy as jnp
 
@@ -151,28 +152,39 @@ def measure(spec, mesh, inputs: str, remat: str, dtype: str, batch: int, resolut
         size = resolution // f
         x = jax.ShapeDtypeStruct((batch, size, size, spec.first_stage.embed_dim), jnp.float32,
                                  sharding=sharding)  # fmt: skip
+    rng = jax.eval_shape(lambda: jax.random.key(0))
     start = time.perf_counter()
-    compiled = step.lower(state, frozen, {inputs: x, **text}, jax.random.key(0)).compile()
-    seconds = time.perf_counter() - start
+    compiled = step.lower(state, frozen, {inputs: x, **text}, rng).compile()
+    return compiled, time.perf_counter() - start, cfg
+
+
+def memory_row(compiled, **fields) -> dict:
+    """compiled.memory_analysis() / cost_analysis() per device, in GiB and TFLOP."""
     mem = compiled.memory_analysis()
     args, out = mem.argument_size_in_bytes, mem.output_size_in_bytes
     alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return dict(
-        inputs=inputs,
-        trained=f"LoRA r{lora_rank}" if lora_rank else "full",
-        remat=remat,
-        dtype=dtype,
         args=args / GIB,
         out=out / GIB,
         alias=alias / GIB,
         temp=temp / GIB,
         total=(args + out - alias + temp) / GIB,
         tflops=float((cost or {}).get("flops", float("nan"))) / 1e12,
-        compile_s=seconds,
-        residuals=unet_residual_bytes(spec, cfg, batch // mesh.size, resolution) / GIB,
+        **fields,
     )
+
+
+def measure(spec, mesh, inputs: str, remat: str, dtype: str, batch: int, resolution: int,
+            attention: str = "auto", lora_rank: int = 0) -> dict:
+    compiled, seconds, cfg = compile_step(spec, mesh, inputs, remat, dtype, batch, resolution,
+                                          attention, lora_rank)
+    return memory_row(
+        compiled, inputs=inputs, trained=f"LoRA r{lora_rank}" if lora_rank else "full",
+        remat=remat, dtype=dtype, compile_s=seconds,
+        residuals=unet_residual_bytes(spec, cfg, batch // mesh.size, resolution) / GIB,
+    )  # fmt: skip
 
 
 def sharded_argument_bytes(spec, mesh, dtype: str, lora_rank: int = 0) -> dict:

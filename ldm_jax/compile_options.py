@@ -17,6 +17,8 @@ import os
 
 import jax
 
+from ldm_jax.models.backend import target_backend
+
 YNN_FUSION_FLAG = "xla_cpu_experimental_ynn_fusion_type"
 # YNNPACK for single dots and reductions; convolutions stay with XLA's own emitter.
 CPU_COMPILER_OPTIONS = {
@@ -25,8 +27,9 @@ CPU_COMPILER_OPTIONS = {
 
 
 def compiler_options(backend: str | None = None) -> dict[str, str] | None:
-    """Options for ``jax.jit(..., compiler_options=...)`` on ``backend`` (default: JAX's)."""
-    if (backend or jax.default_backend()) != "cpu":
+    """Options for ``jax.jit(..., compiler_options=...)`` on ``backend`` (default: the compile
+    target, ldm_jax.models.backend)."""
+    if (backend or target_backend()) != "cpu":
         return None
     if YNN_FUSION_FLAG in os.environ.get("XLA_FLAGS", ""):
         return None  # the user's explicit choice

@@ -20,6 +20,7 @@ from ldm_jax.models.attention_dispatch import (
     choose_attention,
     cudnn_rejection,
 )
+from ldm_jax.models.backend import target_backend
 from ldm_jax.models.blocked_attention import blocked_attention
 from ldm_jax.models.layers import Dtype, GroupNorm, LayerNorm, dense, gelu
 
@@ -60,7 +61,7 @@ def dot_product_attention(
     masked = mask_BNTS is not None or is_causal
     if implementation is None:
         shape = AttentionShape.of(q_BTNH, k_BSNH, masked=masked)
-        implementation = choose_attention(shape, jax.default_backend(), _compute_capability())
+        implementation = choose_attention(shape, target_backend(), _compute_capability())
     elif masked and implementation in ("blocked", "splash"):
         implementation = "xla"
     out_dtype = v_BSNH.dtype
@@ -123,7 +124,7 @@ def cudnn_attention(
 
 def _compute_capability() -> str | None:
     """The default GPU's CUDA compute capability ("9.0"), None elsewhere."""
-    if jax.default_backend() != "gpu":
+    if target_backend() != "gpu" or jax.default_backend() != "gpu":
         return None
     return getattr(jax.devices()[0], "compute_capability", None)
 

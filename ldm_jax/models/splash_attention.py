@@ -41,6 +41,8 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ldm_jax.models.backend import target_backend
+
 # The kernel's tiles are multiples of the TPU lane width; 512 is the largest block jax's splash
 # tests draw for the forward pass and MaxText's default.
 LANES = splash.NUM_LANES
@@ -83,7 +85,7 @@ def splash_block_sizes(num_queries: int, num_keys: int) -> splash.BlockSizes:
 
 
 def _use_interpret(interpret: bool | None) -> bool:
-    return jax.default_backend() != "tpu" if interpret is None else interpret
+    return target_backend() != "tpu" if interpret is None else interpret
 
 
 def _batch_axes(mesh, batch: int) -> tuple[str, ...]:

@@ -40,6 +40,7 @@ from ldm_jax.latent_diffusion import (
 )
 from ldm_jax.models import text_time
 from ldm_jax.models.attention_dispatch import implementation_from_name
+from ldm_jax.models.backend import target_backend
 from ldm_jax.models.conditioning import drop_class_labels
 from ldm_jax.models.distributions import DiagonalGaussian
 from ldm_jax.models.factory import network_modules
@@ -122,7 +123,7 @@ def ldm_modules(spec: ModelSpec, cfg: LDMTrainConfig) -> dict[str, tuple[nn.Modu
     rematerialised under the remat policy."""
     if spec.unet is None:
         raise ValueError("the ModelSpec has no UNet (first stage only): nothing to train here")
-    check_remat(cfg.remat, jax.default_backend())
+    check_remat(cfg.remat, target_backend())
     modules = network_modules(spec, COMPUTE_DTYPES[cfg.compute_dtype], cfg.attention)
     unet, inputs = modules["unet"]
     modules["unet"] = (unet.clone(remat=cfg.remat), inputs)
