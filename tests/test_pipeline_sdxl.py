@@ -183,15 +183,16 @@ def test_sdxl_argument_errors(pipes):
         refiner("a cat", image=_image(), strength=0.5, target_size=(16, 16))
     with pytest.raises(ValueError, match="original_size must be a"):
         base("a cat", original_size=(16,))
-    with pytest.raises(ValueError, match="denoising_start / denoising_end need one of"):
-        base("a cat", sampler="heun", denoising_end=0.5)
+    with pytest.raises(ValueError, match="denoising_start does not apply to plms"):
+        refiner("a cat", image=np.zeros((1, 8, 8, 4), np.float32), denoising_start=0.7,
+                sampler="plms")
     with pytest.raises(ValueError, match="denoising_start continues latents"):
         refiner("a cat", image=_image(), denoising_start=0.7)
     with pytest.raises(ValueError, match=r"must be in \(0, 1\)"):
         base("a cat", denoising_end=1.5)
     with pytest.raises(ValueError, match="leave none of the 5 steps"):
         base("a cat", num_inference_steps=5, denoising_end=0.05)
-    with pytest.raises(ValueError, match="prompt_embeds are not supported for SDXL"):
+    with pytest.raises(ValueError, match="prompt_embeds needs pooled_prompt_embeds too"):
         base(prompt_embeds=np.zeros((1, 77, 80), np.float32))
     with pytest.raises(ValueError, match="clip_skip must be an int in"):
         base("a cat", clip_skip=2)  # encoder 1 has 2 layers, 1 already skipped

@@ -135,9 +135,13 @@ def load_pipeline(
     dtype: str = "float32",
     compilation_cache: str | None = None,
     attention: str = "auto",
+    *,
+    slot: str = "model",
 ):
     """The LatentDiffusionPipeline of a checkpoint, kept for the next command in this process
-    (notebooks, tests: no reload, no recompile); UsageError naming the checkpoint if unreadable."""
+    (notebooks, tests: no reload, no recompile); UsageError naming the checkpoint if unreadable.
+    ``slot``: which cache keeps it, one pipeline each: "model" (--checkpoint) or "refiner"
+    (sample.py --refiner, kept beside the base)."""
     try:
         path = Path(checkpoint).expanduser()
         # a local checkpoint is known by its absolute path and modification time: the same
@@ -145,7 +149,7 @@ def load_pipeline(
         version = None
         if path.exists():
             path, version = path.resolve(), path.stat().st_mtime_ns
-        return _cached_pipeline(str(path), version, dtype, compilation_cache, attention)
+        return _SLOTS[slot](str(path), version, dtype, compilation_cache, attention)
     except LOAD_ERRORS as error:
         raise UsageError(f"cannot load checkpoint {checkpoint!r}: {error}") from error
 
@@ -165,3 +169,12 @@ def _cached_pipeline(checkpoint: str, version, dtype: str, compilation_cache: st
         compilation_cache_dir=compilation_cache,
         attention=attention,
     )
+
+
+_cached_refiner = functools.lru_cache(maxsize=1)(_cached_pipeline.__wrapped__)
+_SLOTS = {"model": _cached_pipeline, "refiner": _cached_refiner}
+
+
+def release_pipeline(slot: str) -> None:
+    """Forget the pipeline a cache ``slot`` keeps (its memory is freed once unused)."""
+    _SLOTS[slot].cache_clear()

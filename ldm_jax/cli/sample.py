@@ -4,6 +4,7 @@
         [--sampler NAME] [--guidance 7.5] [--seed S] [--out outputs/]
         [--init-image PATH --strength 0.75] [--mask PATH] [--class-label N] [--low-res-image PATH]
         [--lora PATH[:SCALE] ...] [--textual-inversion PATH[:TOKEN] ...]
+        [--refiner CHECKPOINT [--refiner-start 0.8]]    # SDXL base -> refiner (cli/refiner.py)
 
 The checkpoint decides the task: text-to-image (--prompt), unconditional (no conditioning flag),
 class-conditional (--class-label), image-to-image (--init-image, --strength), inpainting
@@ -38,6 +39,12 @@ from ldm_jax.cli.common import (
     prog_name,
     require_checkpoint,
     run_command,
+)
+from ldm_jax.cli.refiner import (
+    add_refiner_flags,
+    check_refiner_args,
+    load_refiner,
+    refiner_metadata,
 )
 from ldm_jax.cli.sample_files import GRID_NAME, output_names, write_images
 from ldm_jax.models.attention_dispatch import ATTENTION_CHOICES
@@ -127,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     sdxl.add_argument(
         "--aesthetic-score", type=float, metavar="S", help="refiner: aesthetic score (default 6)"
     )
+    add_refiner_flags(parser)
     parser.add_argument(
         "--height", type=int, help="image height in pixels, a multiple of the VAE factor (8 for SD)"
     )
@@ -225,6 +233,7 @@ def check_args(args) -> None:
     args.loras = check_loras(args.lora)
     args.embeddings = check_textual_inversions(args.textual_inversion)
     require_checkpoint(args.checkpoint, hint=f"pass {CHECKPOINT_HELP}")
+    check_refiner_args(args, CHECKPOINT_HELP)
     check_output_folder(args.out, [*output_names(args.n), GRID_NAME], args.overwrite)
 
 
@@ -360,6 +369,7 @@ def _sample(args) -> int:
     check_args(args)  # before the slow imports: bad input is answered at once
     pipe = load_pipeline(args.checkpoint, args.dtype, args.compilation_cache, args.attention)
     check_model(args, pipe)
+    hand_off = load_refiner(args, pipe)  # None without --refiner
     try:
         for path, scale in args.loras:
             try:
@@ -371,7 +381,7 @@ def _sample(args) -> int:
                 pipe.load_textual_inversion(Path(path).expanduser(), token)
             except ValueError as error:  # TextualInversionError included
                 raise UsageError(f"--textual-inversion {path}: {error}") from error
-        return _sample_and_write(args, pipe)
+        return _sample_and_write(args, pipe, hand_off)
     finally:
         if args.loras:  # the cached pipeline serves the next command without them
             pipe.unload_lora()
@@ -379,7 +389,7 @@ def _sample(args) -> int:
             pipe.unload_textual_inversion()
 
 
-def _sample_and_write(args, pipe) -> int:
+def _sample_and_write(args, pipe, hand_off=None) -> int:
     from ldm_jax.sampling.pipeline import sampler_iterations  # noqa: PLC0415 - imports jax
     from ldm_jax.sampling.progress import StepProgress  # noqa: PLC0415
 
@@ -396,22 +406,27 @@ def _sample_and_write(args, pipe) -> int:
         iterations = sampler_iterations(sampler, args.steps, strength)
     except ValueError as error:
         raise UsageError(f"--strength: {error}") from error
-    with StepProgress(iterations, desc=f"{args.sampler}", disable=args.no_progress) as progress:
+    call = dict(
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        guidance_rescale=args.guidance_rescale,
+        sampler=sampler,
+        eta=args.eta,
+        seed=args.seed,
+        clip_skip=args.clip_skip,
+        **kwargs,
+    )
+    desc = args.sampler if hand_off is None else f"{args.sampler} (base, refiner)"
+    iterations = iterations if hand_off is None else hand_off.iterations
+    with StepProgress(iterations, desc=desc, disable=args.no_progress) as progress:
         try:
-            result = pipe(
-                height=args.height,
-                width=args.width,
-                num_inference_steps=args.steps,
-                guidance_scale=args.guidance,
-                guidance_rescale=args.guidance_rescale,
-                sampler=sampler,
-                eta=args.eta,
-                seed=args.seed,
-                clip_skip=args.clip_skip,
-                output_type="uint8",
-                callback_on_step_end=progress,
-                **kwargs,
-            )
+            if hand_off is not None:
+                result = hand_off(pipe, args, call, progress)
+            else:
+                result = pipe(
+                    height=args.height, width=args.width, output_type="uint8",
+                    callback_on_step_end=progress, **call,
+                )  # fmt: skip
         except ValueError as error:
             raise UsageError(_flag_names(str(error))) from error
 
@@ -419,6 +434,7 @@ def _sample_and_write(args, pipe) -> int:
         key: getattr(args, key)
         for key in ("checkpoint", "prompt", "negative_prompt", "steps", "sampler", "eta")
     }
+    metadata.update(refiner_metadata(args))  # --refiner, --refiner-start
     for key in ("init_image", "strength", "mask", "class_label", "low_res_image",
                 "original_size", "crop_top_left", "aesthetic_score"):  # fmt: skip
         if getattr(args, key) is not None:

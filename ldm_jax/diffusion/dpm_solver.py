@@ -8,7 +8,10 @@ With lambda = log(alpha / sigma), h = lambda_next - lambda_cur and r = h_prev / 
     D0 = x0_cur, D1 = (x0_cur - x0_prev) / r.
 
 The first step and the final step (to sigma = 0, clean data) are first order (DDIM in lambda), as
-diffusers' default ``lower_order_final`` with ``final_sigmas_type="zero"`` does.
+diffusers' default ``lower_order_final`` with ``final_sigmas_type="zero"`` does. A run that starts
+at ``first_step`` (diffusers' ``set_begin_index``: image-to-image, SDXL's ``denoising_start``) has
+no history, so its first step is first order too; one that stops at ``last_step`` (SDXL's
+``denoising_end``) ends with a second-order step, as the final one is not among its steps.
 
 Step for step the same as diffusers ``DPMSolverMultistepScheduler(algorithm_type="dpmsolver++",
 solver_order=2)``: alpha and sigma are derived like diffusers from sigma_VP = sqrt((1 - abar) /
@@ -24,6 +27,7 @@ rounded to an integer (diffusers rounds them too) and the solver uses the Karras
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 
 from ldm_jax.diffusion import _common, sigmas
 from ldm_jax.diffusion.parameterization import canonical_prediction_type, to_x0
@@ -36,15 +40,37 @@ def alpha_sigma_lambda(sigma_vp):
     return alpha, sigma, jnp.log(alpha) - jnp.log(sigma)
 
 
-def step_sigmas(schedule, timesteps, prev_timesteps=None, use_karras_sigmas=False, first_step=0):
+def step_sigmas(schedule, timesteps, prev_timesteps=None, use_karras_sigmas=False, first_step=0,
+                last_step=None):  # fmt: skip
     """(t_N, sigma_N, next_N): the model's int32 timestep, and the VE sigma of each step and of its
     target (0 = clean data); the solver's view of diffusers' ``timesteps`` / ``sigmas``, from
-    ``first_step`` on (image-to-image; Karras sigmas are made for all N steps first)."""
+    ``first_step`` on (image-to-image; Karras sigmas are made for all N steps first), up to
+    ``last_step`` (exclusive; None: all; the last step then targets that step's sigma)."""
     t_N, prev_N = _common.as_timesteps(timesteps, prev_timesteps)
-    sigmas.check_first_step(first_step, t_N.shape[0])
+    last = check_step_window(first_step, last_step, t_N.shape[0])
     t_N, sigma_N, next_N = _all_step_sigmas(schedule, t_N, prev_N, prev_timesteps,
                                             use_karras_sigmas)
-    return t_N[first_step:], sigma_N[first_step:], next_N[first_step:]
+    return t_N[first_step:last], sigma_N[first_step:last], next_N[first_step:last]
+
+
+def check_step_window(first_step: int, last_step: int | None, num_steps: int) -> int:
+    """The static window [first_step, last) of the N steps (last = N for None); ValueError."""
+    sigmas.check_first_step(first_step, num_steps)
+    last = num_steps if last_step is None else last_step
+    if not isinstance(last, int) or not first_step < last <= num_steps:
+        raise ValueError(
+            f"last_step must be an int in [{first_step + 1}, {num_steps}], got {last_step!r}"
+        )
+    return last
+
+
+def final_step(timesteps, first_step: int, last_step: int | None) -> int:
+    """The index, within the window's steps, of the schedule's final step, which
+    ``lower_order_final`` takes at first order; the window's length when the window stops
+    before it (``last_step``: diffusers' order rule looks at all N steps, not the ones run)."""
+    num_steps = np.shape(timesteps)[0]
+    last = check_step_window(first_step, last_step, num_steps)
+    return last - first_step - (1 if last == num_steps else 0)
 
 
 def _all_step_sigmas(schedule, t_N, prev_N, prev_timesteps, use_karras_sigmas):
@@ -75,17 +101,19 @@ def sample(
     prev_timesteps=None,
     use_karras_sigmas: bool = False,
     first_step: int = 0,
+    last_step: int | None = None,
     callback=None,
 ):
     """Run DPM-Solver++(2M) from x_T over ``timesteps`` (decreasing) from ``first_step`` on;
-    returns x_0 (rng unused)."""
+    returns x_0, or with ``last_step`` (exclusive) x at that step's noise level (rng unused)."""
     del rng  # deterministic
     kind = canonical_prediction_type(prediction_type)
     x = _common.check_x(x_T)
     t_N, sigma_N, next_N = step_sigmas(
-        schedule, timesteps, prev_timesteps, use_karras_sigmas, first_step
+        schedule, timesteps, prev_timesteps, use_karras_sigmas, first_step, last_step
     )
     N = t_N.shape[0]
+    final = final_step(timesteps, first_step, last_step)
     before_N = jnp.concatenate([sigma_N[:1], sigma_N[:-1]])  # the sigma of x0_prev
 
     def step(carry, inputs):
@@ -95,7 +123,7 @@ def sample(
         alpha_t, sigma_t, lambda_t = alpha_sigma_lambda(next_vp)
         _, _, lambda_b = alpha_sigma_lambda(before_vp)
         x0 = to_x0(denoise_fn(x, _common.batch_t(t, x)), x, alpha_s, sigma_s, kind)
-        second_order = (i > 0) & (i < N - 1)
+        second_order = (i > 0) & (i != final)
         h = lambda_t - lambda_s
         r = jnp.where(second_order, (lambda_s - lambda_b) / jnp.where(second_order, h, 1.0), 1.0)
         d1 = jnp.where(second_order, (1.0 / r) * (x0 - x0_prev), 0.0)

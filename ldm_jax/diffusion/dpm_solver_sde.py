@@ -8,7 +8,8 @@ With lambda = log(alpha / sigma), h = lambda_next - lambda_cur, r = h_prev / h a
              + sigma_next sqrt(1 - e^{-2h}) z,
     D0 = x0_cur, D1 = (x0_cur - x0_prev) / r.
 
-The first and the final step (to sigma = 0, where the noise term vanishes) are first order (D1 = 0).
+The first and the final step (to sigma = 0, where the noise term vanishes) are first order (D1 = 0);
+``first_step`` / ``last_step`` window the run as in ``dpm_solver`` (SDXL's hand-off).
 Timesteps, sigmas and ``use_karras_sigmas`` are those of ``dpm_solver`` (``step_sigmas``); step for
 step the same as diffusers ``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++",
 solver_order=2)`` given the same per-step noise (its ``step(..., variance_noise=z)``).
@@ -19,7 +20,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from ldm_jax.diffusion import _common
-from ldm_jax.diffusion.dpm_solver import alpha_sigma_lambda, step_sigmas
+from ldm_jax.diffusion.dpm_solver import alpha_sigma_lambda, final_step, step_sigmas
 from ldm_jax.diffusion.parameterization import canonical_prediction_type, to_x0
 
 
@@ -35,18 +36,21 @@ def sample(
     prev_timesteps=None,
     use_karras_sigmas: bool = False,
     first_step: int = 0,
+    last_step: int | None = None,
     callback=None,
 ):
     """Run SDE-DPM-Solver++(2M) from x_T over ``timesteps`` (decreasing); returns x_0.
 
-    ``noise`` [N, *x_T.shape] (one draw per step, the last one unused) replaces draws from ``rng``.
+    ``noise`` [N, *x_T.shape] (one draw per step run, the final one's unused) replaces draws
+    from ``rng``; ``last_step`` (exclusive) stops at that step's noise level.
     """
     kind = canonical_prediction_type(prediction_type)
     x = _common.check_x(x_T)
     t_N, sigma_N, next_N = step_sigmas(
-        schedule, timesteps, prev_timesteps, use_karras_sigmas, first_step
+        schedule, timesteps, prev_timesteps, use_karras_sigmas, first_step, last_step
     )
     N = t_N.shape[0]
+    final = final_step(timesteps, first_step, last_step)  # lower_order_final's step (or N)
     before_N = jnp.concatenate([sigma_N[:1], sigma_N[:-1]])  # the sigma of x0_prev
     noise_N, draw = _common.step_noise_source(rng, noise, N, x, "dpm_solver_sde")
 
@@ -57,7 +61,7 @@ def sample(
         alpha_t, sigma_t, lambda_t = alpha_sigma_lambda(next_vp)
         _, _, lambda_b = alpha_sigma_lambda(before_vp)
         x0 = to_x0(denoise_fn(x, _common.batch_t(t, x)), x, alpha_s, sigma_s, kind)
-        second_order = (i > 0) & (i < N - 1)
+        second_order = (i > 0) & (i != final)
         h = lambda_t - lambda_s
         r = jnp.where(second_order, (lambda_s - lambda_b) / jnp.where(second_order, h, 1.0), 1.0)
         d1 = jnp.where(second_order, (1.0 / r) * (x0 - x0_prev), 0.0)

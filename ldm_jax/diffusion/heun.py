@@ -11,6 +11,10 @@ two network calls per step except the last (2N - 1 in all). Step for step the sa
 ``HeunDiscreteScheduler`` (optionally ``use_karras_sigmas=True``), whose timestep list interleaves
 the two evaluations ([t0, t1, t1, t2, t2, ...]); here one scan step does both (the second under
 ``lax.cond``, skipped on the last step). The callback sees x_next once per step.
+
+``last_step`` (SDXL's ``denoising_end``) stops there with the last step's Euler predictor only, as
+diffusers' pipeline does: its cut keeps the timesteps >= the cutoff, [t0, t1, t1, ..., t_k], which
+ends on the first (Euler) half of step k.
 """
 
 from __future__ import annotations
@@ -32,16 +36,19 @@ def sample(
     use_karras_sigmas: bool = False,
     init_noise: str = "sigma_max",
     first_step: int = 0,
+    last_step: int | None = None,
     callback=None,
 ):
     """Run Heun from x_T (unit noise) over float ``timesteps`` (decreasing); returns x_0.
 
-    ``init_noise`` as in ``euler.sample``; rng is unused (deterministic).
+    ``init_noise`` as in ``euler.sample``; ``last_step`` (exclusive) stops at that step's sigma,
+    the last step Euler only; rng is unused (deterministic).
     """
     del rng
     kind = canonical_prediction_type(prediction_type)
     t_N, sigma_N1 = sigmas.sampling_sigmas(
-        schedule, timesteps, use_karras_sigmas=use_karras_sigmas, first_step=first_step
+        schedule, timesteps, use_karras_sigmas=use_karras_sigmas, first_step=first_step,
+        last_step=last_step,
     )
     x = sigmas.initial_sample(_common.check_x(x_T), sigma_N1, init_noise)
     N = t_N.shape[0]

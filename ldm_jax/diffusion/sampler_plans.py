@@ -19,6 +19,11 @@ Image-to-image starts at ``first_step`` (diffusers' ``set_begin_index``): the in
 samplers get the lists sliced, the others the whole list and ``first_step``, since Karras sigmas
 depend on N. ``start_abar`` is the noise level (alpha-bar) of that first step, which the encoded
 image is noised to.
+
+SDXL's base -> refiner hand-off (``denoising_window``): ``denoising_end`` stops a run at
+``last_step`` (the sliced lists for the integer samplers), ``denoising_start`` starts one at
+``first_step``, both where diffusers' pipelines cut each scheduler's timestep list (Heun's lists
+each step twice; PLMS takes ``denoising_end`` only).
 """
 
 from __future__ import annotations
@@ -119,7 +124,9 @@ def _plan_sigmas(plan: SamplerPlan, schedule, timesteps, prev_timesteps):
         )  # fmt: skip
         return t_N, sigma_N1[:-1]
     if plan.module in MULTISTEP_MODULES:
-        t_N, sigma_N, _ = step_sigmas(schedule, timesteps, prev_timesteps, karras, first)
+        t_N, sigma_N, _ = step_sigmas(
+            schedule, timesteps, prev_timesteps, karras, first, options.get("last_step")
+        )
         return t_N, sigma_N
     t_N = jnp.asarray(timesteps, jnp.int32)
     a = _common.abar(schedule, t_N)
@@ -146,7 +153,17 @@ def visited_timesteps(plan: SamplerPlan, schedule) -> np.ndarray:
 
 
 # --- SDXL's base -> refiner hand-off (diffusers ``denoising_end`` / ``denoising_start``)
-WINDOW_MODULES = ("ddim", "ddpm", "euler", "euler_ancestral")  # one network call per step
+# the samplers whose run stops and resumes where diffusers' SDXL pipelines cut their schedulers
+WINDOW_MODULES = ("ddim", "ddpm", "euler", "euler_ancestral", "heun", "dpm_solver",
+                  "dpm_solver_sde", "unipc")  # fmt: skip
+END_ONLY_MODULES = ("plms",)  # denoising_end only: see _PLMS_START
+_PLMS_START = (
+    "denoising_start does not apply to plms: PNDMScheduler's timestep list repeats t1 for its "
+    "warm-up ([t0, t1, t1, t2, ...]) and diffusers' img2img slices that list as if each step "
+    "were one entry, so the restarted scheduler steps samples from a noise level they are not at "
+    "(from its 2nd or 3rd call on); no PLMS run does that. Continue with ddim, ddpm, dpm_solver "
+    "or unipc (PLMS' latents are VP samples, as theirs)"
+)
 
 
 def cutoff_timestep(fraction: float, num_train_timesteps: int) -> int:
@@ -158,33 +175,58 @@ def cutoff_timestep(fraction: float, num_train_timesteps: int) -> int:
     return int(round(T - fraction * T))
 
 
+def window_first_step(module: str, t_N: np.ndarray, cutoff: int) -> int:
+    """The step ``denoising_start`` starts at, of the N distinct timesteps ``t_N`` (decreasing).
+
+    StableDiffusionXLImg2ImgPipeline.get_timesteps runs the scheduler's timesteps < cutoff, from
+    ``set_begin_index(len - count)``. One network call per entry (order 1: all but Heun; the
+    multistep solvers restart with no history, as diffusers' ``model_outputs`` start empty):
+    the first step below the cutoff. Heun (order 2) lists [t0, t1, t1, ..., t_{N-1}, t_{N-1}],
+    so the count below the cutoff is even, and diffusers adds 1 "to end after the 2nd derivative
+    step": the run starts one step earlier, at the last step >= the cutoff (the one a Heun
+    ``denoising_end`` run ended with an Euler half-step), or at 0 when all are below it."""
+    above = int((np.asarray(t_N) >= cutoff).sum())
+    if module == "heun":
+        return max(above - 1, 0)
+    return above
+
+
 def denoising_window(
     plan: SamplerPlan, schedule, num_train_timesteps: int, start=None, end=None
 ) -> SamplerPlan:
     """The plan run from ``start`` to ``end``, fractions of the noise schedule as diffusers'
     SDXL pipelines cut it: ``denoising_end`` keeps the steps whose timestep is >= the cutoff
     (base, ``StableDiffusionXLPipeline``), ``denoising_start`` the steps < its cutoff (refiner,
-    ``StableDiffusionXLImg2ImgPipeline.get_timesteps``; a plan of all N steps). An
-    image-to-image plan (strength) is cut within its steps, as diffusers' img2img does with
-    denoising_end. Stopping early leaves the latents at the next step's noise level, in the
-    sampler's own space (sigma space for Euler), where a ``start`` run with the same sampler and
-    steps picks them up."""
+    ``StableDiffusionXLImg2ImgPipeline.get_timesteps``; a plan of all N steps;
+    ``window_first_step``: Heun starts a step earlier). An image-to-image plan (strength) is cut
+    within its steps, as diffusers' img2img does with denoising_end. Stopping early leaves the
+    latents at the next step's noise level, in the sampler's own space (sigma space for
+    Euler/Heun), where a ``start`` run with the same sampler and steps picks them up.
+
+    The second-order and multistep solvers stop as diffusers' schedulers do when the pipeline
+    stops calling them: Heun on the last step's Euler half (its list of timesteps >= the cutoff,
+    [t0, t1, t1, ..., t_k], ends there), DPM-Solver++ / UniPC with the step order of the whole
+    schedule (``lower_order_final`` only at the schedule's final step, ``last_step``) and UniPC's
+    last prediction uncorrected; started at ``first_step`` they have no history (first order,
+    no UniPC corrector at the first step). PLMS takes ``end`` only (``_PLMS_START``)."""
     if start is None and end is None:
         return plan
-    if plan.module not in WINDOW_MODULES:
+    if plan.module not in WINDOW_MODULES + END_ONLY_MODULES:
         raise ValueError(
-            f"denoising_start / denoising_end need one of the samplers {WINDOW_MODULES} "
-            f"(not {plan.name}): multistep and second-order solvers have no clean cut"
+            f"denoising_start / denoising_end need one of the samplers "
+            f"{WINDOW_MODULES + END_ONLY_MODULES} (not {plan.name})"
         )
+    if start is not None and plan.module in END_ONLY_MODULES:
+        raise ValueError(_PLMS_START)
     if start is not None and end is not None and float(start) >= float(end):
         raise ValueError(f"denoising_start {start} must be below denoising_end {end}")
     options = dict(plan.options)
     offset = options.get("first_step", 0)  # image-to-image's strength: the window is within it
     if start is not None and offset:
         raise ValueError("denoising_start replaces strength: pass the plan of all steps")
-    t_N = np.asarray(visited_timesteps(plan, schedule))
+    t_N = np.asarray(_plan_sigmas(plan, schedule, plan.timesteps, plan.prev_timesteps)[0])
     n, T = t_N.shape[0], num_train_timesteps
-    first = 0 if start is None else n - int((t_N < cutoff_timestep(start, T)).sum())
+    first = 0 if start is None else window_first_step(plan.module, t_N, cutoff_timestep(start, T))
     last = n if end is None else int((t_N >= cutoff_timestep(end, T)).sum())
     if not first < last:
         raise ValueError(

@@ -13,10 +13,15 @@ lambda_i, phi = e^{-h} - 1 and r = (lambda_{i-1} - lambda_i) / h:
         of the next predictor, while m_{i+1} stays the one evaluated at the uncorrected sample.
 
 The first and the final predictor steps are first order (DDIM in lambda; ``lower_order_final``), so
-the corrector after step 0 has order 1 (rho = 1/2), later ones order 2. Step for step the same as
-diffusers ``UniPCMultistepScheduler()`` defaults (solver_order=2, solver_type="bh2",
-predict_x0=True, lower_order_final=True, no disabled corrector); sigmas, timesteps and
-``use_karras_sigmas`` as ``dpm_solver`` (diffusers' UniPC lists equal DPMSolverMultistep's).
+the corrector after step 0 has order 1 (rho = 1/2), later ones order 2. A run from ``first_step``
+(diffusers' ``set_begin_index``) starts without history: no corrector at its first step, a
+first-order predictor; one stopped at ``last_step`` returns its last predictor's (uncorrected)
+sample, as diffusers' scheduler does when the SDXL pipeline stops calling it.
+
+Step for step the same as diffusers ``UniPCMultistepScheduler()`` defaults (solver_order=2,
+solver_type="bh2", predict_x0=True, lower_order_final=True, no disabled corrector); sigmas,
+timesteps and ``use_karras_sigmas`` as ``dpm_solver`` (diffusers' UniPC lists equal
+DPMSolverMultistep's).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from ldm_jax.diffusion import _common
-from ldm_jax.diffusion.dpm_solver import alpha_sigma_lambda, step_sigmas
+from ldm_jax.diffusion.dpm_solver import alpha_sigma_lambda, final_step, step_sigmas
 from ldm_jax.diffusion.parameterization import canonical_prediction_type, to_x0
 
 
@@ -56,16 +61,19 @@ def sample(
     prev_timesteps=None,
     use_karras_sigmas: bool = False,
     first_step: int = 0,
+    last_step: int | None = None,
     callback=None,
 ):
-    """Run UniPC-2 (bh2, predict_x0) from x_T over ``timesteps`` (decreasing); returns x_0."""
+    """Run UniPC-2 (bh2, predict_x0) from x_T over ``timesteps`` (decreasing); returns x_0, or
+    with ``last_step`` (exclusive) the predicted x at that step's noise level."""
     del rng  # deterministic
     kind = canonical_prediction_type(prediction_type)
     x = _common.check_x(x_T)
     t_N, sigma_N, next_N = step_sigmas(
-        schedule, timesteps, prev_timesteps, use_karras_sigmas, first_step
+        schedule, timesteps, prev_timesteps, use_karras_sigmas, first_step, last_step
     )
     N = t_N.shape[0]
+    final = final_step(timesteps, first_step, last_step)  # lower_order_final's step (or N)
     before_N = jnp.concatenate([sigma_N[:1], sigma_N[:-1]])  # sigma_{i-1}
     before2_N = jnp.concatenate([sigma_N[:2], sigma_N[:-2]])[:N]  # sigma_{i-2}
 
@@ -89,7 +97,7 @@ def sample(
 
         # UniP: predict x_{i+1} (order 2 except the first and the final step)
         h = lambda_n - lambda_i
-        second_order = (i > 0) & (i < N - 1)
+        second_order = (i > 0) & (i != final)
         r = (lambda_b - lambda_i) / jnp.where(second_order, h, 1.0)
         pred = jnp.where(second_order, 0.5 * (m_last - m) / jnp.where(second_order, r, 1.0), 0.0)
         x_next = _update(x, m, alpha_n, sigma_n, sigma_i, h, pred)

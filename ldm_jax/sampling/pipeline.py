@@ -278,8 +278,10 @@ class LatentDiffusionPipeline(AdapterMixin):
         ``denoising_end`` in (0, 1) stops once the timesteps fall below (1 - denoising_end) T
         (with ``output_type="latent"`` the latents come back in the sampler's own space);
         ``denoising_start`` continues such latents, given as ``image`` [B, h, w, C] (NHWC),
-        from that point (``strength`` is then ignored, as in diffusers). Both need the ddim,
-        ddpm, euler or euler_ancestral sampler, and both calls the same sampler and steps.
+        from that point (``strength`` is then ignored, as in diffusers). Every sampler cuts
+        where diffusers cuts its scheduler (``sampler_plans.denoising_window``: Heun's
+        refiner re-runs the base's last step, as diffusers' order-2 rule does; PLMS takes
+        ``denoising_end`` only); both calls take the same sampler and steps.
 
         ``callback_on_step_end(step, timestep, latents)`` runs on the host after every sampler
         iteration (``sampler_iterations`` of them; ``timestep`` the network's, a float for the
