@@ -15,8 +15,10 @@ Needs libtpu (no TPU): a venv that sees this project's packages plus libtpu, e.g
     JAX_PLATFORMS=cpu /tmp/tpuvenv/bin/python benchmarks/tpu_memory.py \\
         --model sdxl --topology v5p:2x2x2,v5p:4x4x4 --remat save_dots_no_batch
 
---model sd15|sdxl (train_memory.py's specs: UNet trained with AdamW + EMA, fp32 master weights,
-bf16 compute; text encoders and VAE frozen), --lora R trains rank-R attention adapters instead.
+libtpu allows one process per host unless ALLOW_MULTIPLE_LIBTPU_LOAD=1 is set (two topologies
+compiled at once). --model sd15|sdxl (train_memory.py's specs: UNet trained with AdamW + EMA,
+fp32 master weights, bf16 compute; text encoders and VAE frozen), --lora R trains rank-R
+attention adapters instead.
 The global batch is --per-device-batch x chips (data 1 x fsdp N x tensor 1).
 """
 
