@@ -5,10 +5,11 @@ denoising_start), same noise, fp32."""
 import diffusers
 import numpy as np
 import pytest
+import support.sdxl_fixtures
 import torch
 from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_img2img as xl_i2i
 from PIL import Image
-from support.tiny_pipelines import sd_pipeline, sdxl_pipeline, sdxl_refiner_pipeline, torch_noise
+from support.tiny_pipelines import sd_pipeline, torch_noise
 
 from ldm_jax.cli import sample as sampling_cli
 from ldm_jax.diffusion import sampler_plans
@@ -17,32 +18,14 @@ from ldm_jax.sampling.inputs import strength_slice
 from ldm_jax.sampling.pipeline import LatentDiffusionPipeline
 from ldm_jax.spec import DiffusionSpec
 
+# the tiny SDXL base + refiner (folders, our pipelines, diffusers'), shared with other SDXL tests
+folders, pipes, references = (support.sdxl_fixtures.folders, support.sdxl_fixtures.pipes,
+                              support.sdxl_fixtures.references)
+
 PIXEL_BAR = 2 / 255
 PROMPTS = ["a photo of a cat", "an oil painting of a harbour"]
 SHAPE_NCHW = (2, 4, 8, 8)  # 16 x 16 pixels (the tiny VAE halves)
 STEPS = dict(num_inference_steps=5, guidance_scale=5.0)
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sdxl")
-    sdxl_pipeline().save_pretrained(root / "base")
-    sdxl_refiner_pipeline().save_pretrained(root / "refiner")
-    return root / "base", root / "refiner"
-
-
-@pytest.fixture(scope="module")
-def pipes(folders):
-    return tuple(LatentDiffusionPipeline.from_pretrained(folder) for folder in folders)
-
-
-@pytest.fixture(scope="module")
-def references(folders):
-    base = diffusers.StableDiffusionXLPipeline.from_pretrained(folders[0])
-    refiner = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(folders[1])
-    for pipe in (base, refiner):
-        pipe.set_progress_bar_config(disable=True)
-    return base, refiner
 
 
 def _generator():

@@ -20,17 +20,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import support.sdxl_fixtures
 import torch
 from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_img2img as xl_i2i
-from support.tiny_pipelines import sdxl_pipeline, sdxl_refiner_pipeline, torch_noise
+from support.tiny_pipelines import torch_noise
 from test_pipeline_samplers import _feed_noise, _our_step_noise_NCHW
 
 from ldm_jax.diffusion import SAMPLERS, sampler_plans
 from ldm_jax.latent_diffusion import schedule_from_spec
 from ldm_jax.sampler_options import SAMPLER_INFO
 from ldm_jax.sampling.inputs import strength_slice
-from ldm_jax.sampling.pipeline import LatentDiffusionPipeline
 from ldm_jax.spec import DiffusionSpec
+
+# the tiny SDXL base + refiner (folders, our pipelines, diffusers'), shared with other SDXL tests
+folders, pipes, references = (support.sdxl_fixtures.folders, support.sdxl_fixtures.pipes,
+                              support.sdxl_fixtures.references)
 
 PIXEL_BAR = 2 / 255
 PROMPTS = ["a photo of a cat", "an oil painting of a harbour"]
@@ -229,28 +233,6 @@ def test_window_refusals():
 
 
 # --- the tiny SDXL pipelines
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sdxl")
-    sdxl_pipeline().save_pretrained(root / "base")
-    sdxl_refiner_pipeline().save_pretrained(root / "refiner")
-    return root / "base", root / "refiner"
-
-
-@pytest.fixture(scope="module")
-def pipes(folders):
-    return tuple(LatentDiffusionPipeline.from_pretrained(folder) for folder in folders)
-
-
-@pytest.fixture(scope="module")
-def references(folders):
-    base = diffusers.StableDiffusionXLPipeline.from_pretrained(folders[0])
-    refiner = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(folders[1])
-    for pipe in (base, refiner):
-        pipe.set_progress_bar_config(disable=True)
-    return base, refiner
 
 
 @pytest.mark.parametrize("name", PIPELINE_CASES)
