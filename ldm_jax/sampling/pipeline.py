@@ -72,6 +72,7 @@ from ldm_jax.sampling import inputs as pipeline_inputs
 from ldm_jax.sampling import tasks as pipeline_tasks
 from ldm_jax.sampling.adapters import AdapterMixin
 from ldm_jax.sampling.output import PipelineOutput, check_output_type, image_seeds
+from ldm_jax.sampling.sdxl_inputs import sdxl_time_inputs
 from ldm_jax.sampling.tasks import TEXT_CONDITIONINGS, model_task
 
 __all__ = ["TEXT_CONDITIONINGS", "LatentDiffusionPipeline", "PipelineOutput", "sampler_iterations"]
@@ -270,11 +271,11 @@ class LatentDiffusionPipeline(AdapterMixin):
         micro-conditioning (traced: new values never recompile) ``original_size``,
         ``crops_coords_top_left``, ``target_size`` ((height, width) / (top, left); default the
         output size, (0, 0), the output size), ``aesthetic_score`` (refiner, 6.0) and the
-        ``negative_*`` ones (see ``inputs.sdxl_time_inputs``). Embeddings (diffusers'
+        ``negative_*`` ones (see ``sdxl_inputs.sdxl_time_inputs``). Embeddings (diffusers'
         encode_prompt outputs) instead of texts: ``prompt_embeds`` [B, S, sum of the encoders'
         widths] with ``pooled_prompt_embeds`` [B, projection dim] (and the ``negative_`` pair;
         absent: zeros or the encoded ``negative_prompt`` as above; see
-        ``inputs.sdxl_text_inputs``). Base -> refiner hand-off:
+        ``sdxl_inputs.sdxl_text_inputs``). Base -> refiner hand-off:
         ``denoising_end`` in (0, 1) stops once the timesteps fall below (1 - denoising_end) T
         (with ``output_type="latent"`` the latents come back in the sampler's own space);
         ``denoising_start`` continues such latents, given as ``image`` [B, h, w, C] (NHWC),
@@ -339,7 +340,7 @@ class LatentDiffusionPipeline(AdapterMixin):
             negative_target_size=negative_target_size, aesthetic_score=aesthetic_score,
             negative_aesthetic_score=negative_aesthetic_score,
         )  # fmt: skip
-        inputs |= pipeline_inputs.sdxl_time_inputs(self.spec, batch, h * f, w * f, guided, micro)
+        inputs |= sdxl_time_inputs(self.spec, batch, h * f, w * f, guided, micro)
         shape = (batch, h, w, self.spec.unet.out_channels)
         if latents is not None:
             latents = np.asarray(latents, np.float32)
