@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from test_data_loader import assert_same_batches
 
 from ldm_jax.data import DataError, default_data_config
 from ldm_jax.data.dreambooth import (
@@ -90,14 +91,6 @@ def named(reds, names) -> list[int]:
         assert len(match) == 1, (red, names)
         out.append(match[0])
     return out
-
-
-def assert_same_batches(first, second):
-    assert len(first) == len(second)
-    for a, b in zip(first, second, strict=True):
-        assert a.keys() == b.keys()
-        for key in a:
-            np.testing.assert_array_equal(a[key], b[key])
 
 
 def test_image_records_read_the_folders_images_in_name_order(tmp_path):
